@@ -1,0 +1,412 @@
+"""The `vaekit` command: parse, call the library, write files.
+
+Exit codes: 0 success, 2 bad input or usage (a message, no traceback unless
+--debug), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+import typer
+
+from vaekit import __version__, runs
+from vaekit.config import PRESET_SOURCES, PRESETS, RunConfig, merge, preset
+from vaekit.errors import ConfigError, RunError, VaekitError
+
+app = typer.Typer(
+    help="Variational autoencoders: train, sample, evaluate log p(x), plot and compare.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Fetch, import and inspect data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _parse_hidden(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ConfigError(f"--hidden takes comma-separated layer sizes like 512,256; got '{text}'.") from None
+    return sizes
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    """--set model.latent_dim=2 --set train.lr=3e-4 -> nested dict (values parsed as JSON when they can be)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set takes section.key=value, e.g. model.latent_dim=2; got '{item}'.")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _prepare_out(out: Path, resume: bool) -> None:
+    """Fail before any training if --out cannot hold a run."""
+    if resume:
+        runs.check_run_dir(out)
+        return
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; give a directory for the run.")
+    if out.is_dir() and any(out.iterdir()):
+        raise RunError(
+            f"--out {out} already holds files; pick a new directory, or continue it with `vaekit train --resume {out}`."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to --out {out}: {e.strerror}. Choose a writable directory.") from e
+    if hasattr(os, "statvfs"):
+        st = os.statvfs(out)
+        if st.f_bavail * st.f_frsize < 50 * 2**20:
+            raise RunError(f"less than 50 MiB free where --out {out} lives; free some space first.")
+
+
+def _save_figures(run: Path, figs: dict) -> None:
+    for name, fig in figs.items():
+        runs.atomic_write(run / name, lambda p, fig=fig: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+
+
+def finish_run(run: Path, *, progress: bool = True) -> dict:
+    """After training: test ELBO of the best weights, figures, summary.json and report.html."""
+    from vaekit import figures, report
+    from vaekit.data import load_data
+    from vaekit.train import elbo_means, eval_set
+
+    cfg = runs.load_config(run)
+    model = runs.load(run)
+    splits = load_data(cfg.data.source, subset=cfg.data.subset, valid_fraction=cfg.data.valid_fraction,
+                       split_seed=cfg.data.split_seed)
+    split, ds = ("test", splits.test) if splits.test is not None else ("valid", splits.valid)
+    x = eval_set(ds, cfg.data)
+    metrics = runs.read_jsonl(run / "metrics.jsonl")
+    ev = elbo_means(model, x, cfg.train.eval_batch_size, seed=cfg.train.seed)
+    old = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    summary = {
+        **old,
+        "latent_dim": cfg.model.latent_dim,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "epochs": len(metrics),
+        "best_epoch": min(metrics, key=lambda m: m["valid_nelbo"])["epoch"] if metrics else None,
+        "train_seconds": round(sum(m["seconds"] for m in metrics), 2),
+        split: {"elbo": -ev["nelbo"], **ev, "n_images": len(x), "binarization": cfg.data.binarize,
+                "binarize_seed": cfg.data.binarize_seed, "estimator": "ELBO, 1 sample of z per image"},
+    }
+    runs.write_json(run / "summary.json", summary)
+    figs = figures.run_figures(model, x, ds.y, metrics)
+    _save_figures(run, figs)
+    html = report.run_report(
+        f"vaekit run: {run.name}", cfg.to_dict(), summary, [(figures.CAPTIONS[n], n) for n in figs], metrics
+    )
+    runs.write_text(run / "report.html", html)
+    return summary
+
+
+# ----------------------------------------------------------------------------- train
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
+    preset_name: Optional[str] = typer.Option(None, "--preset", help=f"Start from a preset: {', '.join(PRESETS)}."),
+    data: Optional[str] = typer.Option(None, "--data", help="'mnist' or a path: .npz/.npy, image folder, IDX file."),
+    latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Size of z."),
+    hidden: Optional[str] = typer.Option(None, "--hidden", help="Encoder layer sizes, e.g. 512,256 (decoder mirrors)."),
+    activation: Optional[str] = typer.Option(None, "--activation", help="relu, tanh, elu, softplus, leaky_relu, gelu."),
+    likelihood: Optional[str] = typer.Option(None, "--likelihood", help="bernoulli or gaussian."),
+    sigma: Optional[str] = typer.Option(None, "--sigma", help="Gaussian σ (a number), or 'learned'."),
+    binarize: Optional[str] = typer.Option(None, "--binarize", help="dynamic, static or none (default: dynamic for "
+                                           "MNIST with a Bernoulli likelihood, else none)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    beta: Optional[float] = typer.Option(None, "--beta", help="KL weight (β-VAE); 1 is the ELBO."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast, fp32 weights)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="A config.json to start from."),
+    set_: List[str] = typer.Option([], "--set", help="Any config field: --set model.activation=tanh."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Train a VAE and write a run directory with weights, metrics, figures and a report."""
+    from vaekit.data import check_unit_range, load_data
+    from vaekit.models import build
+    from vaekit.train import fit
+
+    if resume:
+        cfg = runs.load_config(out)
+    else:
+        base: dict[str, Any] = RunConfig().to_dict()
+        if config_file is not None:
+            if not config_file.is_file():
+                raise ConfigError(f"--config {config_file} does not exist.")
+            base = merge(base, RunConfig.from_json(config_file.read_text()).to_dict())
+        if preset_name:
+            base = merge(base, {**preset(preset_name), "preset": preset_name})
+        flags = {
+            "model": {"latent_dim": latent_dim, "activation": activation, "likelihood": likelihood,
+                      "hidden": _parse_hidden(hidden) if hidden else None},
+            "data": {"source": data, "binarize": binarize, "subset": subset},
+            "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed,
+                      "precision": precision},
+        }
+        if sigma is not None:
+            if sigma == "learned":
+                flags["model"]["learn_sigma"] = True
+            else:
+                try:
+                    flags["model"]["sigma"] = float(sigma)
+                except ValueError:
+                    raise ConfigError(f"--sigma takes a number or 'learned'; got '{sigma}'.") from None
+        flags = {s: {k: v for k, v in d.items() if v is not None} for s, d in flags.items()}
+        overrides = _parse_set(set_)
+        merged = merge(merge(base, flags), overrides)
+        chosen = binarize or overrides.get("data", {}).get("binarize") or config_file or \
+            (preset_name and preset(preset_name).get("data", {}).get("binarize"))
+        if not chosen:
+            # The tutorials' default: dynamic binarization for MNIST with a Bernoulli decoder.
+            mnist_bernoulli = merged["model"]["likelihood"] == "bernoulli" and merged["data"]["source"] == "mnist"
+            merged["data"]["binarize"] = "dynamic" if mnist_bernoulli else "none"
+        cfg = RunConfig.from_dict(merged)
+    _prepare_out(out, resume)
+
+    splits = load_data(cfg.data.source, subset=cfg.data.subset, valid_fraction=cfg.data.valid_fraction,
+                       split_seed=cfg.data.split_seed)
+    if cfg.model.likelihood == "bernoulli":
+        check_unit_range(splits.train)
+    if cfg.train.batch_size > len(splits.train):
+        raise ConfigError(f"--batch-size {cfg.train.batch_size} is larger than the {len(splits.train)} training "
+                          "examples; use a smaller batch.")
+    cfg = cfg.replace(model={"input_shape": list(splits.train.shape)})
+    if not resume:
+        runs.save_config(out, cfg)
+    model = build(cfg.model, seed=cfg.train.seed).to(_device(device))
+    t0 = time.perf_counter()
+    fit(model, cfg, splits, out, resume=resume, progress=progress,
+        on_epoch=lambda r: typer.echo(
+            f"epoch {r['epoch']:>3}  train -ELBO {r['train_nelbo']:.2f}  valid -ELBO {r['valid_nelbo']:.2f} "
+            f"(recon {r['valid_recon']:.2f}, KL {r['valid_kl']:.2f})  {r['seconds']:.1f}s", err=True))
+    summary = finish_run(out, progress=progress)
+    split = "test" if "test" in summary else "valid"
+    typer.echo(f"done in {time.perf_counter() - t0:.1f}s: {split} ELBO {summary[split]['elbo']:.2f} nats; "
+               f"report: {out / 'report.html'}")
+
+
+# ----------------------------------------------------------------------------- use a run
+def _eval_images(run: Path, split: str, limit: Optional[int] = None):
+    from vaekit.data import load_data
+    from vaekit.train import eval_set
+
+    cfg = runs.load_config(run)
+    splits = load_data(cfg.data.source, subset=cfg.data.subset, valid_fraction=cfg.data.valid_fraction,
+                       split_seed=cfg.data.split_seed)
+    if split == "auto":
+        split = "test" if splits.test is not None else "valid"
+    ds = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
+    if ds is None:
+        raise VaekitError(f"this data set has no {split} split; use --split valid.")
+    if limit is not None:
+        ds = ds.take(slice(0, limit))
+    return cfg, eval_set(ds, cfg.data), ds.y
+
+
+@app.command()
+def sample(
+    run: Path = typer.Argument(..., help="Run directory."),
+    n: int = typer.Option(64, "--n", help="How many samples."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/samples.png)."),
+) -> None:
+    """Decode z ~ N(0, I) into a grid of images."""
+    from vaekit import generate, plots
+
+    model = runs.load(run)
+    imgs = generate.sample(model, n, generator=torch.Generator().manual_seed(seed))
+    path = out or Path(run) / "samples.png"
+    _save_figures(path.parent, {path.name: plots.samples(imgs)})
+    typer.echo(str(path))
+
+
+@app.command()
+def reconstruct(
+    run: Path = typer.Argument(..., help="Run directory."),
+    n: int = typer.Option(8, "--n", help="How many images."),
+    split: str = typer.Option("test", "--split", help="train, valid or test."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/reconstructions.png)."),
+) -> None:
+    """Show images above their reconstructions."""
+    from vaekit import generate, plots
+
+    model = runs.load(run)
+    _, x, _ = _eval_images(run, split, limit=n)
+    path = out or Path(run) / "reconstructions.png"
+    _save_figures(path.parent, {path.name: plots.reconstructions(x, generate.reconstruct(model, x))})
+    typer.echo(str(path))
+
+
+@app.command()
+def plot(run: Path = typer.Argument(..., help="Run directory.")) -> None:
+    """(Re)write every figure of a run and its report.html."""
+    finish_run(run)
+    typer.echo(str(Path(run) / "report.html"))
+
+
+@app.command(name="eval")
+def eval_(
+    run: Path = typer.Argument(..., help="Run directory."),
+    split: str = typer.Option("test", "--split", help="valid or test."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Evaluate a run: negative ELBO and its parts in nats."""
+    from vaekit.train import elbo_means
+
+    cfg, x, _ = _eval_images(run, split, limit)
+    model = runs.load(run)
+    ev = elbo_means(model, x, cfg.train.eval_batch_size, seed=cfg.train.seed)
+    result = {**ev, "elbo": -ev["nelbo"], "split": split, "n_images": len(x),
+              "binarization": cfg.data.binarize, "seed": cfg.data.binarize_seed}
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            typer.echo(f"{key:>14}  {value:.4f}" if isinstance(value, float) else f"{key:>14}  {value}")
+
+
+@app.command()
+def compare(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories to compare."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for compare.png and report.html."),
+    n: int = typer.Option(8, "--n", help="Images per row."),
+) -> None:
+    """Reconstructions of several runs side by side, with their test ELBO."""
+    from vaekit import generate, plots, report
+
+    out = out or Path("compare")
+    out.mkdir(parents=True, exist_ok=True)
+    rows, table = [], []
+    x0 = None
+    for run in run_dirs:
+        cfg, x, _ = _eval_images(run, "auto", limit=n)
+        summary = json.loads((Path(run) / "summary.json").read_text()) if (Path(run) / "summary.json").exists() else {}
+        split = "test" if "test" in summary else "valid"
+        elbo_value = summary.get(split, {}).get("elbo", float("nan"))
+        x0 = x if x0 is None else x0
+        if x.shape[1:] != x0.shape[1:]:
+            raise VaekitError(f"{run} was trained on images of shape {tuple(x.shape[1:])}, unlike the other runs.")
+        rows.append((f"{Path(run).name} (z={cfg.model.latent_dim})", generate.reconstruct(runs.load(run), x0),
+                     elbo_value))
+        table.append((Path(run).name, os.path.relpath(Path(run) / "report.html", out),
+                      {"latent_dim": cfg.model.latent_dim, **summary}))
+    _save_figures(out, {"compare.png": plots.compare(x0, rows)})
+    html = report.index_report("vaekit comparison", table, [("Reconstructions of the same test images by each run, "
+                                                              "with its test ELBO.", "compare.png")])
+    runs.write_text(out / "report.html", html)
+    typer.echo(str(out / "report.html"))
+
+
+# ----------------------------------------------------------------------------- data
+@data_app.command("fetch")
+def data_fetch(
+    name: str = typer.Argument("mnist", help="Data set name (mnist)."),
+    force: bool = typer.Option(False, "--force", help="Fetch again even if the cache verifies."),
+) -> None:
+    """Download a data set into the cache ($VAEKIT_HOME, default ~/.cache/vaekit) and verify it."""
+    from vaekit.data import fetch_mnist
+
+    if name != "mnist":
+        raise VaekitError(f"unknown data set '{name}'; vaekit can fetch: mnist. For your own data pass a path to --data.")
+    typer.echo(str(fetch_mnist(force=force, log=lambda m: typer.echo(m, err=True))))
+
+
+@data_app.command("import")
+def data_import(path: Path = typer.Argument(..., help="Folder with the 4 MNIST IDX files, or mnist.pkl.gz.")) -> None:
+    """Place MNIST files you downloaded by hand into the cache (verified)."""
+    from vaekit.data import import_mnist
+
+    typer.echo(str(import_mnist(path)))
+
+
+@data_app.command("info")
+def data_info(spec: str = typer.Argument("mnist", help="'mnist' or a path.")) -> None:
+    """Describe a data set: splits, shapes, dtypes, value range, labels."""
+    from vaekit.data import load_data
+
+    splits = load_data(spec)
+    for name in ("train", "valid", "test"):
+        ds = getattr(splits, name)
+        if ds is None:
+            continue
+        xf = ds.float()
+        labels = "none" if ds.y is None else f"{int(ds.y.max()) + 1} classes"
+        typer.echo(f"{name:>6}: {len(ds)} × {tuple(ds.shape)} {str(ds.x.dtype).replace('torch.', '')}, "
+                   f"values [{xf.min():.3g}, {xf.max():.3g}], labels {labels}")
+
+
+@app.command()
+def presets() -> None:
+    """List the presets and where each comes from."""
+    for name in PRESETS:
+        typer.echo(f"{name:>16}  {PRESET_SOURCES.get(name, '')}")
+
+
+@app.command()
+def version() -> None:
+    """Print the vaekit version."""
+    typer.echo(__version__)
+
+
+# ----------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code (0 ok, 2 bad input/usage, 1 internal error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        # Standalone mode: typer reports usage errors itself and exits 2 through SystemExit.
+        app(args=argv, prog_name="vaekit")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except VaekitError as e:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        typer.echo("interrupted; finished epochs are saved (continue with --resume)", err=True)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        typer.echo("internal error: this is a bug in vaekit; please report it with the traceback above.", err=True)
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Frozen, typed configuration that round-trips through JSON.
+
+A run is described by one `RunConfig` = model + data + train. Unknown keys are
+errors that name the key, so a misspelled option can never silently read as a
+default. Presets are partial dicts applied before the user's overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vaekit.errors import ConfigError
+
+FORMAT_VERSION = 1
+
+Likelihood = Literal["bernoulli", "gaussian"]
+Activation = Literal["relu", "tanh", "elu", "softplus", "leaky_relu", "gelu"]
+Binarize = Literal["dynamic", "static", "none"]
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["mlp"] = "mlp"
+    latent_dim: int = 20
+    hidden: tuple[int, ...] = (400,)  # encoder widths; the decoder mirrors them
+    activation: Activation = "relu"
+    likelihood: Likelihood = "bernoulli"
+    sigma: float = 1.0  # gaussian: the fixed σ, or the initial σ when learn_sigma
+    learn_sigma: bool = False  # gaussian: learn one σ per data dimension
+    input_shape: tuple[int, ...] = (1, 28, 28)  # per-example shape, set from the data
+
+    def check(self) -> None:
+        if self.latent_dim < 1:
+            raise ConfigError(f"latent_dim must be at least 1, got {self.latent_dim}.")
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden sizes must be positive, got {list(self.hidden)}.")
+        if self.sigma <= 0:
+            raise ConfigError(f"sigma must be positive, got {self.sigma}.")
+        if not self.input_shape or any(s < 1 for s in self.input_shape):
+            raise ConfigError(f"input_shape must be positive sizes, got {list(self.input_shape)}.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "mnist"  # "mnist" or a path to .npz/.npy, an image folder or an IDX file
+    binarize: Binarize = "dynamic"
+    binarize_seed: int = 0  # for "static" training data and for the fixed binarized eval sets
+    subset: int | None = None  # use only the first N training examples
+    valid_fraction: float = 0.1  # user data only: MNIST has a fixed 50k/10k split
+    split_seed: int = 0
+
+    def check(self) -> None:
+        if self.subset is not None and self.subset < 1:
+            raise ConfigError(f"subset must be at least 1, got {self.subset}.")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 1.0  # weight of the KL term (β-VAE); 1 is the ELBO
+    seed: int = 0
+    eval_batch_size: int = 1000
+    precision: Precision = "fp32"
+    grad_clip: float | None = None
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}.")
+        if self.beta < 0:
+            raise ConfigError(f"beta must be non-negative, got {self.beta}.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str | None = None
+
+    def check(self) -> RunConfig:
+        self.model.check()
+        self.data.check()
+        self.train.check()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **_to_jsonable(dataclasses.asdict(self))}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        version = d.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ConfigError(
+                f"config format version {version} is not supported by this vaekit "
+                f"(which reads version {FORMAT_VERSION}); use the vaekit release that wrote it."
+            )
+        return _build(cls, d, "").check()
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **sections: dict[str, Any]) -> RunConfig:
+        """Return a copy with fields overridden, e.g. ``replace(model={"latent_dim": 2})``."""
+        return RunConfig.from_dict(merge(self.to_dict(), sections))
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict merge: values of ``over`` win; sub-dicts are merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    return obj
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``d``; unknown keys and wrong types are errors."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section '{where or 'root'}' must be an object, got {d!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        path = ", ".join(f"'{where}{k}'" for k in unknown)
+        raise ConfigError(f"unknown config key {path}; known keys here: {', '.join(sorted(names))}.")
+    kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"'{where}' must be one of {', '.join(map(str, args))}; got {value!r}.")
+        return value
+    if origin is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{where}' must be a list, got {value!r}.")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{where}' must be true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{where}' must be an integer, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{where}' must be a number, got {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{where}' must be a string, got {value!r}.")
+        return value
+    return value
+
+
+# Presets: partial configs with their source. Applied before the user's options.
+PRESETS: dict[str, dict[str, Any]] = {
+    # pytorch/examples vae/main.py: 784-400-20, ReLU, Adam 1e-3, batch 128, 10 epochs.
+    "pytorch-example": {
+        "model": {"hidden": [400], "latent_dim": 20, "activation": "relu"},
+        "train": {"batch_size": 128, "lr": 1e-3, "epochs": 10},
+    },
+    # Keras "Variational AutoEncoder" (MLP version): 784-512-2, ReLU, batch 128.
+    "keras-tutorial": {
+        "model": {"hidden": [512], "latent_dim": 2, "activation": "relu"},
+        "train": {"batch_size": 128, "lr": 1e-3, "epochs": 30},
+    },
+    # Burda et al. 2015 (IWAE), one stochastic layer: 784-200-200-50, tanh.
+    "iwae-1l": {
+        "model": {"hidden": [200, 200], "latent_dim": 50, "activation": "tanh"},
+        "data": {"binarize": "dynamic"},
+        "train": {"batch_size": 100, "lr": 1e-3, "epochs": 100},
+    },
+}
+
+PRESET_SOURCES: dict[str, str] = {
+    "pytorch-example": "pytorch/examples vae/main.py (784-400-20, ReLU, Adam 1e-3, batch 128)",
+    "keras-tutorial": "Keras VAE example, MLP version (784-512-2, ReLU)",
+    "iwae-1l": "Burda et al. 2015, Importance Weighted Autoencoders, 1 stochastic layer (784-200-200-50, tanh)",
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(sorted(PRESETS))}.")
+    return PRESETS[name]

@@ -1,0 +1,54 @@
+"""The figures of a run, as the VAE tutorials show them: tensors in, named figures out."""
+
+from __future__ import annotations
+
+import torch
+from matplotlib.figure import Figure
+
+from vaekit import generate, plots
+
+# file name -> caption, in the order the report shows them
+CAPTIONS = {
+    "reconstructions.png": "Test images (top) and their reconstructions from the posterior mean (bottom).",
+    "samples.png": "Images decoded from z ~ N(0, I): what the model generates.",
+    "latent.png": "Posterior means of test images, coloured by label.",
+    "manifold.png": "The learned 2-D manifold: decoded Gaussian quantiles of the latent space.",
+    "interpolations.png": "Decoding along straight lines between the posterior means of pairs of test images.",
+    "traversal.png": "Latent traversal: one latent dimension varied at a time, the others fixed.",
+    "training.png": "Training curves: negative ELBO and its parts per epoch.",
+}
+
+
+def run_figures(
+    model,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    metrics: list[dict],
+    *,
+    n_show: int = 8,
+    n_latent: int = 5000,
+    seed: int = 0,
+) -> dict[str, Figure]:
+    """All figures of a run from evaluation images x (N, *shape) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    show = x[:n_show]
+    figs: dict[str, Figure] = {
+        "reconstructions.png": plots.reconstructions(show, generate.reconstruct(model, show)),
+        "samples.png": plots.samples(generate.sample(model, 64, generator=g)),
+        "latent.png": plots.latent_scatter(
+            generate.encode_mean(model, x[:n_latent]), None if labels is None else labels[:n_latent]
+        ),
+    }
+    if model.latent_dim == 2:
+        figs["manifold.png"] = plots.manifold(generate.manifold(model, 20), 20)
+    pairs = torch.randperm(len(x), generator=g)[:10].view(5, 2)  # 5 random pairs of images
+    figs["interpolations.png"] = plots.interpolations(
+        generate.interpolate(model, x[pairs[:, 0]], x[pairs[:, 1]], steps=10)
+    )
+    dims = list(range(min(model.latent_dim, 10)))
+    figs["traversal.png"] = plots.latent_traversal(
+        generate.traversal(model, x[0], dims, torch.linspace(-3, 3, 9)), dims, torch.linspace(-3, 3, 9)
+    )
+    if metrics:
+        figs["training.png"] = plots.training_curves(metrics)
+    return {name: figs[name] for name in CAPTIONS if name in figs}

@@ -1,0 +1,28 @@
+"""Model registry: `build(cfg)` turns a ModelConfig into a model.
+
+Every model provides `encode(x) -> q(z|x)`, `decode(z) -> p(x|z)` and `prior()`
+as `torch.distributions` objects; the objectives and the estimator need nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vaekit.config import ModelConfig
+from vaekit.errors import ConfigError
+from vaekit.models.mlp import MLPVAE
+
+REGISTRY: dict[str, type[nn.Module]] = {"mlp": MLPVAE}
+
+
+def build(cfg: ModelConfig, seed: int | None = None) -> nn.Module:
+    """The model ``cfg`` describes; with ``seed``, its initial weights depend on nothing else."""
+    if cfg.arch not in REGISTRY:
+        raise ConfigError(f"unknown model architecture '{cfg.arch}'; available: {', '.join(REGISTRY)}.")
+    cfg.check()
+    if seed is None:
+        return REGISTRY[cfg.arch](cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return REGISTRY[cfg.arch](cfg)

@@ -1,0 +1,362 @@
+"""Figures from tensors.
+
+Every function here takes tensors (or numpy arrays) and returns a
+``matplotlib.figure.Figure``; nothing is written to disk and no pyplot state is
+touched, so it works headless and many figures can be made without leaking
+memory. The caller saves them with ``fig.savefig(path, dpi=...)``.
+
+Images are (N, C, H, W) floats in [0, 1] with C = 1 (drawn in gray) or C = 3
+(RGB); uint8 images are divided by 255 and values outside [0, 1] are clipped.
+Flat (N, D) vectors are drawn as 1 x D strips. No size (28 x 28, 784) is assumed.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+_PAD_VALUE = 0.5  # mid-gray gaps between tiles: visible on black and on white backgrounds
+
+
+def _as_images(x, lead: int) -> np.ndarray:
+    """Any array with ``lead`` batch dims then (C, H, W) or (D,) -> float32 (*batch, C, H, W)."""
+    a = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    batch, item = a.shape[:lead], a.shape[lead:]
+    if a.ndim < lead or len(item) not in (1, 3) or (len(item) == 3 and item[0] not in (1, 3)):
+        raise ValueError(
+            f"expected images shaped {'(' + ', '.join('N' * lead)}, C, H, W) with C = 1 or 3, "
+            f"or flat vectors {'(' + ', '.join('N' * lead)}, D); got shape {tuple(a.shape)}"
+        )
+    if len(item) == 1:  # flat vectors: a 1 x D gray strip each
+        a = a.reshape(*batch, 1, 1, item[0])
+    scale = 255.0 if a.dtype == np.uint8 else 1.0
+    return np.clip(a.astype(np.float32) / scale, 0.0, 1.0)
+
+
+def _tile_grid(grid: np.ndarray, pad: int = 1, pad_value: float = _PAD_VALUE) -> np.ndarray:
+    """(R, K, C, H, W) -> (R*(H+pad)+pad, K*(W+pad)+pad, C) mosaic with ``pad`` pixels between tiles."""
+    R, K, C, H, W = grid.shape
+    g = np.full((R, K, C, H + pad, W + pad), pad_value, dtype=np.float32)
+    g[:, :, :, pad:, pad:] = grid  # each tile carries its top and left gap
+    mosaic = g.transpose(2, 0, 3, 1, 4).reshape(C, R * (H + pad), K * (W + pad))
+    mosaic = np.pad(mosaic, ((0, 0), (0, pad), (0, pad)), constant_values=pad_value)
+    return mosaic.transpose(1, 2, 0)
+
+
+def _rows_of(a: np.ndarray, nrow: int | None) -> np.ndarray:
+    """(N, C, H, W) -> (rows, nrow, C, H, W), the unused tail filled with the gap colour."""
+    n, C, H, W = a.shape
+    if nrow is None:
+        nrow = 1 if H == 1 else max(1, math.ceil(math.sqrt(n)))
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    rows = max(1, math.ceil(n / nrow))
+    full = np.full((rows * nrow, C, H, W), _PAD_VALUE, dtype=np.float32)
+    full[:n] = a
+    return full.reshape(rows, nrow, C, H, W)
+
+
+def tile(images, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile (N, C, H, W) images into one (H', W', C) array, ``nrow`` images per row.
+
+    ``nrow`` follows torchvision's ``make_grid``: the number of images in each
+    row (default ceil(sqrt(N)), or 1 for flat vectors). Image k sits in tile row
+    k // nrow, column k % nrow, with its top-left pixel at
+    (pad + (k // nrow) * (H + pad), pad + (k % nrow) * (W + pad)).
+    Unused tiles at the end are filled with the gap colour.
+    """
+    return _tile_grid(_rows_of(_as_images(images, lead=1), nrow), pad)
+
+
+def _centres(count: int, size: int, pad: int = 1) -> list[float]:
+    """Pixel coordinates of the tile centres along one axis of a mosaic."""
+    return [pad + i * (size + pad) + (size - 1) / 2 for i in range(count)]
+
+
+def _grid_figure(
+    grid: np.ndarray,
+    title: str | None,
+    row_labels: Sequence[str | None] | None = None,
+    col_labels: Sequence[str | None] | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+) -> Figure:
+    """Draw a (R, K, C, H, W) grid of images as a single imshow, with optional tick labels."""
+    R, K, C, H, W = grid.shape
+    mosaic = _tile_grid(grid)
+    h_px, w_px = mosaic.shape[:2]
+    flat = H == 1  # 1 x D strips: stretch vertically or they are invisible
+    s = min(0.04, 9.0 / max(h_px, w_px))  # inches per mosaic pixel
+    w_in = max(4.0, w_px * s + (1.8 if row_labels or ylabel else 0.3))
+    h_in = (max(h_px * s, 0.25 * R) if flat else h_px * s) + (0.5 if col_labels or xlabel else 0.1)
+    fig = Figure(figsize=(w_in, h_in), layout="constrained")
+    ax = fig.add_subplot()
+    pixels = mosaic[:, :, 0] if C == 1 else mosaic
+    ax.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest",
+              aspect="auto" if flat else "equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    for labels, centres, setter in ((row_labels, _centres(R, H), ax.set_yticks),
+                                    (col_labels, _centres(K, W), ax.set_xticks)):
+        if labels is not None:
+            keep = [(c, lab) for c, lab in zip(centres, labels) if lab is not None]
+            setter([c for c, _ in keep], [lab for _, lab in keep])
+    ax.tick_params(length=0)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        wrapped = textwrap.fill(title, width=max(30, int(w_in * 11)))
+        fig.set_figheight(h_in + 0.3 * (wrapped.count("\n") + 1))
+        ax.set_title(wrapped, fontsize=11)
+    return fig
+
+
+def image_grid(images, nrow: int | None = None, title: str | None = None) -> Figure:
+    """All images in one mosaic, ``nrow`` per row (see ``tile``); one imshow, fast for hundreds."""
+    return _grid_figure(_rows_of(_as_images(images, lead=1), nrow), title)
+
+
+def samples(images, title: str = "Samples from the prior z ~ N(0, I)") -> Figure:
+    """Decoded draws from the prior, tiled in a square-ish mosaic."""
+    return image_grid(images, title=title)
+
+
+def reconstructions(originals, recons, title: str = "Reconstructions") -> Figure:
+    """Originals with their reconstructions directly below.
+
+    Up to 16 pairs sit in one original row over one reconstruction row; more
+    pairs wrap into further original/reconstruction row pairs.
+    """
+    x, r = _as_images(originals, lead=1), _as_images(recons, lead=1)
+    if x.shape != r.shape:
+        raise ValueError(f"originals {x.shape} and reconstructions {r.shape} must have the same shape")
+    n, C, H, W = x.shape
+    k = min(n, 16)
+    blocks = math.ceil(n / k)
+    grid = np.full((2 * blocks, k, C, H, W), _PAD_VALUE, dtype=np.float32)
+    for b in range(blocks):  # rows 2b (originals) and 2b + 1 (reconstructions)
+        chunk = slice(b * k, min(n, (b + 1) * k))
+        grid[2 * b, : chunk.stop - chunk.start] = x[chunk]
+        grid[2 * b + 1, : chunk.stop - chunk.start] = r[chunk]
+    return _grid_figure(grid, title, row_labels=["original", "reconstruction"] * blocks)
+
+
+def compare(originals, runs: Sequence[tuple[str, object, float | None]],
+            title: str = "Reconstructions by run") -> Figure:
+    """Top row the originals, then one row of reconstructions per run.
+
+    ``runs`` holds (label, recons (N, C, H, W), test_elbo); test_elbo is the ELBO
+    (a lower bound on log p(x), so usually negative) in nats, or None.
+    """
+    x = _as_images(originals, lead=1)
+    rows, labels = [x], ["original"]
+    for label, recons, elbo in runs:
+        r = _as_images(recons, lead=1)
+        if r.shape != x.shape:
+            raise ValueError(f"run {label!r}: reconstructions {r.shape} do not match originals {x.shape}")
+        rows.append(r)
+        labels.append(label if elbo is None else f"{label}  ELBO {elbo:.1f} nats")
+    return _grid_figure(np.stack(rows), title, row_labels=labels)
+
+
+def manifold_z(n: int = 20, eps: float = 0.05) -> torch.Tensor:
+    """(n*n, 2) latent points on a grid of Gaussian quantiles, for decoding into a manifold picture.
+
+    Coordinates are Normal(0, 1).icdf(linspace(eps, 1 - eps, n)), as in Kingma &
+    Welling (2014), Fig. 4. Point i*n + j is drawn at row i, column j: z1 grows
+    left to right with j, z2 falls top to bottom with i (up is +z2, as on a plot).
+    """
+    if n < 1 or not 0.0 < eps < 0.5:
+        raise ValueError(f"need n >= 1 and 0 < eps < 0.5, got n={n}, eps={eps}")
+    # float64 so the grid is symmetric around 0 to float32 precision
+    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(eps, 1 - eps, n, dtype=torch.float64))
+    z1 = q.repeat(n)                              # column j -> q[j]
+    z2 = q.flip(0).repeat_interleave(n)           # row i -> q[n - 1 - i]
+    return torch.stack([z1, z2], dim=1).to(torch.get_default_dtype())
+
+
+def manifold(images, n: int, title: str = "Learned 2-D manifold (decoded Gaussian quantiles)",
+             eps: float = 0.05) -> Figure:
+    """Images decoded from ``manifold_z(n, eps)`` as an n x n picture, ticks showing z values."""
+    a = _as_images(images, lead=1)
+    if a.shape[0] != n * n:
+        raise ValueError(f"expected n*n = {n * n} images decoded from manifold_z({n}), got {a.shape[0]}")
+    z = manifold_z(n, eps).reshape(n, n, 2)
+    step = max(1, math.ceil(n / 10))  # at most ~10 labelled ticks per axis
+    cols = [f"{v:.2f}" if j % step == 0 else None for j, v in enumerate(z[0, :, 0].tolist())]
+    rows = [f"{v:.2f}" if i % step == 0 else None for i, v in enumerate(z[:, 0, 1].tolist())]
+    return _grid_figure(a.reshape(n, n, *a.shape[1:]), title, row_labels=rows, col_labels=cols,
+                        xlabel="$z_1$", ylabel="$z_2$")
+
+
+def interpolation_z(z_a: torch.Tensor, z_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
+    """(steps, *z_a.shape): z = (1 - t) z_a + t z_b for t = linspace(0, 1, steps); endpoints exact."""
+    if z_a.shape != z_b.shape:
+        raise ValueError(f"z_a {tuple(z_a.shape)} and z_b {tuple(z_b.shape)} must have the same shape")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 to include both endpoints, got {steps}")
+    t = torch.linspace(0.0, 1.0, steps, dtype=z_a.dtype, device=z_a.device).reshape(-1, *[1] * z_a.dim())
+    return (1 - t) * z_a + t * z_b
+
+
+def interpolations(strips, title: str = "Interpolations between test images "
+                   "(decoded along a line between posterior means)") -> Figure:
+    """strips (P, S, C, H, W): row p decodes S points from z_a (left) to z_b (right)."""
+    a = _as_images(strips, lead=2)
+    P, S = a.shape[:2]
+    step = max(1, math.ceil(S / 11))
+    cols = [f"{t:.2g}" if j % step == 0 or j == S - 1 else None
+            for j, t in enumerate(np.linspace(0.0, 1.0, S))]
+    return _grid_figure(a, title, row_labels=[f"pair {p + 1}" for p in range(P)], col_labels=cols,
+                        xlabel="$t$ in $z = (1-t)\\,z_a + t\\,z_b$")
+
+
+def latent_traversal(images, dims: Sequence[int], values,
+                     title: str = "Latent traversals: one dimension varied, the others fixed") -> Figure:
+    """images (len(dims), len(values), C, H, W): row = latent dimension varied, column = its value."""
+    a = _as_images(images, lead=2)
+    vals = [float(v) for v in values]
+    if a.shape[:2] != (len(dims), len(vals)):
+        raise ValueError(f"expected images shaped ({len(dims)}, {len(vals)}, C, H, W), got {a.shape}")
+    return _grid_figure(a, title, row_labels=[f"$z_{{{d}}}$" for d in dims],
+                        col_labels=[f"{v:.2g}" for v in vals],
+                        xlabel="value of the varied latent dimension", ylabel="latent dimension")
+
+
+def _pca2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project (N, D) onto its first two principal components -> ((N, 2), explained variance ratios (2,))."""
+    xc = x - x.mean(dim=0)
+    _, s, vh = torch.linalg.svd(xc, full_matrices=False)  # xc = U diag(s) Vh; rows of Vh are the PCs
+    vh = vh[:2]
+    signs = torch.sign(vh.gather(1, vh.abs().argmax(dim=1, keepdim=True)))  # largest loading > 0:
+    vh = vh * torch.where(signs == 0, 1.0, signs).to(vh.dtype)             # a deterministic sign
+    total = (s**2).sum()
+    ratio = (s[:2] ** 2) / total if total > 0 else torch.zeros_like(s[:2])
+    proj = xc @ vh.T
+    if proj.shape[1] < 2:  # fewer than 2 points: pad the missing component with zeros
+        proj = torch.cat([proj, proj.new_zeros(proj.shape[0], 2 - proj.shape[1])], dim=1)
+        ratio = torch.cat([ratio, ratio.new_zeros(2 - ratio.shape[0])])
+    return proj, ratio
+
+
+def _colour_values(y, codes):
+    """Colours for a continuous scatter: numeric labels as they are, other labels by class index."""
+    if y is None:
+        return "tab:blue"
+    return y if np.issubdtype(y.dtype, np.number) else codes
+
+
+def latent_scatter(means, labels=None, title: str | None = None) -> Figure:
+    """Posterior means E[z|x] (N, D): histogram for D = 1, scatter for D = 2, PCA to 2-D for D > 2."""
+    m = torch.as_tensor(means.detach().cpu() if torch.is_tensor(means) else np.asarray(means),
+                        dtype=torch.float64)
+    if m.dim() != 2 or m.shape[1] < 1:
+        raise ValueError(f"expected posterior means shaped (N, D), got {tuple(m.shape)}")
+    n, d = m.shape
+    y = None
+    if labels is not None:
+        y = labels.detach().cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+        if y.shape != (n,):
+            raise ValueError(f"expected {n} labels, got shape {y.shape}")
+    fig = Figure(figsize=(6.5, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    classes, codes = np.unique(y, return_inverse=True) if y is not None else (None, None)
+    discrete = classes is not None and len(classes) <= 20  # else a colorbar over the label codes
+    cmap = colormaps["tab10" if discrete and len(classes) <= 10 else "tab20"]
+
+    if d == 1:
+        x = m[:, 0].numpy()
+        if discrete:
+            ax.hist([x[y == c] for c in classes], bins=50, stacked=True,
+                    color=[cmap(i) for i in range(len(classes))], label=[str(c) for c in classes])
+        else:
+            ax.hist(x, bins=50, color="tab:blue")
+        ax.set_xlabel("$z_1$ (posterior mean)")
+        ax.set_ylabel("number of examples")
+        default = "Posterior means E[z|x] of the 1-dim latent space"
+    else:
+        if d == 2:
+            xy = m.numpy()
+            ax.set_xlabel("$z_1$ (posterior mean)")
+            ax.set_ylabel("$z_2$ (posterior mean)")
+            default = "Latent space: posterior means E[z|x]"
+        else:
+            proj, ratio = _pca2(m)
+            xy = proj.numpy()
+            ax.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% of variance)")
+            ax.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}% of variance)")
+            default = f"PCA of the {d}-dim posterior means E[z|x]"
+        size = 12 if n <= 2000 else 4
+        if discrete:
+            for i, c in enumerate(classes):
+                pts = xy[y == c]
+                ax.scatter(pts[:, 0], pts[:, 1], s=size, color=cmap(i), alpha=0.7, label=str(c),
+                           linewidths=0, rasterized=True)
+        else:
+            sc = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=_colour_values(y, codes),
+                            cmap="viridis" if y is not None else None, alpha=0.7, linewidths=0,
+                            rasterized=True)
+            if y is not None:
+                fig.colorbar(sc, ax=ax, label="label")
+    if discrete:
+        ax.legend(title="label", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+                  markerscale=1.5 if d > 1 else 1.0)
+    if title is None:
+        title = default
+    elif d > 2:  # a caller's title must not hide that this is a projection
+        title = f"{title}\n({default})"
+    ax.set_title(title)
+    return fig
+
+
+_PANELS = (  # (metric stem, panel title) — values are nats per example
+    ("nelbo", "Negative ELBO (loss)"),
+    ("recon", "Reconstruction $-\\mathbb{E}_q[\\log p(x|z)]$"),
+    ("kl", "$\\mathrm{KL}(q(z|x)\\,\\|\\,p(z))$"),
+)
+
+
+def training_curves(records: list[dict]) -> Figure:
+    """Negative ELBO, reconstruction and KL terms vs epoch, train and valid, from metrics.jsonl records.
+
+    Records without "epoch" are ignored; if an epoch appears twice (a resumed
+    run), the later record wins. Panels with no data are left out.
+    """
+    by_epoch = {int(r["epoch"]): r for r in records if "epoch" in r}
+    epochs = sorted(by_epoch)
+    panels = [(stem, name) for stem, name in _PANELS
+              if any(f"{split}_{stem}" in by_epoch[e] for e in epochs for split in ("train", "valid"))]
+    fig = Figure(figsize=(4.2 * max(1, len(panels)), 3.6), layout="constrained")
+    fig.suptitle("Training curves (nats per example)")
+    if not panels:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no per-epoch metrics recorded yet", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    marker = "o" if len(epochs) <= 30 else None
+    for ax, (stem, name) in zip(axes, panels):
+        for split, style in (("train", "-"), ("valid", "--")):
+            key = f"{split}_{stem}"
+            pts = [(e, by_epoch[e][key]) for e in epochs if key in by_epoch[e]]
+            if pts:
+                xs, ys = zip(*pts)
+                ys = [math.nan if v is None else float(v) for v in ys]
+                ax.plot(xs, ys, style, marker=marker, markersize=3, label=split)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("nats per example")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig

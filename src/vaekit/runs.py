@@ -1,0 +1,183 @@
+"""Run directories: atomic files, checkpoints that describe themselves, loading without pickle.
+
+A run directory holds
+  config.json             the RunConfig (JSON, with format_version)
+  model.safetensors       weights of the best epoch by validation ELBO
+  last.safetensors        weights of the last finished epoch
+  state.safetensors       last weights, optimizer moments, RNG states and counters (for --resume)
+  metrics.jsonl           one JSON object per epoch
+  summary.json            final numbers
+  *.png, report.html      figures and the report
+Weights and tensors go in safetensors, everything else in JSON: loading a run
+never unpickles, so it cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vaekit import __version__
+from vaekit.config import FORMAT_VERSION, RunConfig
+from vaekit.errors import RunError
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"}
+
+
+# ----------------------------------------------------------------------------- atomic files
+def atomic_write(path: Path, write) -> None:
+    """Write via ``write(tmp_path)`` into a temp file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line by rewriting the file atomically (metrics files are small)."""
+    old = Path(path).read_text() if Path(path).exists() else ""
+    write_text(path, old + json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+# ----------------------------------------------------------------------------- runs
+def check_run_dir(run: Path) -> Path:
+    """Refuse anything that is not a vaekit run directory, before reading a byte of it."""
+    run = Path(run)
+    if run.is_file():
+        if run.suffix in PICKLE_SUFFIXES:
+            raise RunError(
+                f"{run} looks like a pickled checkpoint ({run.suffix}); vaekit never loads pickles, "
+                "because loading one can run arbitrary code. Give a vaekit run directory instead."
+            )
+        raise RunError(f"{run} is a file; give a vaekit run directory (the --out of `vaekit train`).")
+    if not run.is_dir():
+        raise RunError(f"run directory {run} does not exist; train one with `vaekit train --out {run}`.")
+    if not (run / "config.json").is_file():
+        raise RunError(f"{run} has no config.json, so it is not a vaekit run directory (or training never started).")
+    return run
+
+
+def load_config(run: Path) -> RunConfig:
+    run = check_run_dir(run)
+    try:
+        d = json.loads((run / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{run / 'config.json'} is not valid JSON ({e}); the run directory is damaged.") from e
+    version = d.get("format_version")
+    if version != FORMAT_VERSION:
+        raise RunError(
+            f"{run} was written with run format version {version} (vaekit {d.get('vaekit_version', '?')}); "
+            f"this vaekit {__version__} reads format version {FORMAT_VERSION}. Use a matching vaekit release."
+        )
+    d.pop("vaekit_version", None)
+    return RunConfig.from_dict(d)
+
+
+def save_config(run: Path, cfg: RunConfig) -> None:
+    write_json(Path(run) / "config.json", {**cfg.to_dict(), "vaekit_version": __version__})
+
+
+def save_weights(path: Path, model: torch.nn.Module) -> None:
+    save_tensors(path, model.state_dict(), {"format_version": str(FORMAT_VERSION)})
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    if not Path(path).is_file():
+        raise RunError(f"{path} is missing; the run has no saved weights yet (did training finish an epoch?).")
+    try:
+        state = load_file(str(path), device=str(next(model.parameters()).device))
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise RunError(f"{path} is not a readable safetensors file ({e}); the checkpoint is damaged.") from e
+    own = model.state_dict()
+    wrong = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected or wrong:
+        raise RunError(
+            f"{path} does not match the model described in config.json "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]})."
+        )
+    model.load_state_dict(state)
+
+
+def load(run: Path, which: str = "best", device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild a trained model from a run directory: config.json + safetensors, no pickle."""
+    from vaekit.models import build
+
+    run = check_run_dir(run)
+    cfg = load_config(run)
+    model = build(cfg.model).to(device)
+    load_weights(run / ("model.safetensors" if which == "best" else "last.safetensors"), model)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- optimizer state
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into safetensors-able tensors and JSON-able rest."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, st in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}

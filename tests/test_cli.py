@@ -1,0 +1,132 @@
+"""The CLI end to end on a tiny synthetic data set: in-process, and once as a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaekit.cli import main
+
+RUN_FILES = {"config.json", "model.safetensors", "last.safetensors", "state.safetensors", "metrics.jsonl",
+             "summary.json", "report.html", "reconstructions.png", "samples.png", "latent.png",
+             "interpolations.png", "traversal.png", "training.png"}
+
+
+@pytest.fixture
+def npz(tmp_path):
+    """300 binary-ish 8×8 'images' of three blob positions, with labels."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = np.zeros((300, 8, 8), np.uint8)
+    for i, c in enumerate(y):
+        x[i, 2 * c : 2 * c + 3, 2:6] = 255
+    x = np.where(rng.random(x.shape) < 0.05, 255 - x, x).astype(np.uint8)
+    path = tmp_path / "blobs.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def train_args(out, data, *extra):
+    return ["train", "--out", str(out), "--data", str(data), "--latent-dim", "2", "--hidden", "32",
+            "--epochs", "1", "--batch-size", "50", "--no-progress", *extra]
+
+
+def test_train_writes_every_file_and_other_commands_work(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    assert RUN_FILES | {"manifold.png"} <= {p.name for p in run.iterdir()}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["valid"]["elbo"] < 0 and summary["epochs"] == 1
+    html = (run / "report.html").read_text()
+    assert all(f'src="{name}"' in html for name in RUN_FILES if name.endswith(".png"))
+
+    assert main(["eval", str(run), "--split", "valid", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["split"] == "valid" and result["n_images"] == 30
+    assert result["nelbo"] == pytest.approx(result["recon"] + result["kl"])
+    assert result["nelbo"] == pytest.approx(summary["valid"]["nelbo"])  # fixed protocol: same number again
+
+    assert main(["sample", str(run), "--n", "9", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert main(["reconstruct", str(run), "--split", "valid", "--out", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+    run2 = tmp_path / "run2"
+    assert main(train_args(run2, npz, "--latent-dim", "3")) == 0
+    assert not (run2 / "manifold.png").exists()  # only for a 2-D latent space
+    assert main(["compare", str(run), str(run2), "--out", str(tmp_path / "cmp")]) == 0
+    assert {"compare.png", "report.html"} <= {p.name for p in (tmp_path / "cmp").iterdir()}
+    assert "../run/report.html" in (tmp_path / "cmp" / "report.html").read_text()
+
+
+def test_resume_continues_a_run(tmp_path, npz):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["epochs"] = 2  # ask for one more epoch
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--out", "{tmp}/r", "--data", "{tmp}/missing.npz"], ["missing.npz"]),
+    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--latent-dim", "0"], ["latent_dim"]),
+    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--batch-size", "100000"], ["batch", "smaller"]),
+    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--likelihood", "poisson"], ["bernoulli", "gaussian"]),
+    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--set", "model.latnt=2"], ["model.latnt"]),
+    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--hidden", "a,b"], ["--hidden"]),
+    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--preset", "nope"], ["preset"]),
+    (["eval", "{tmp}/no-such-run"], ["does not exist"]),
+    (["sample", "{tmp}/model.pt"], ["pickle"]),
+    (["data", "fetch", "cifar"], ["mnist"]),
+])
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, npz, capsys, args, words):
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04K\x01.")  # a pickle of the int 1
+    args = [a.format(tmp=tmp_path, npz=npz) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    for w in words:
+        assert w in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_out_that_already_holds_a_run_is_refused(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    before = (run / "model.safetensors").read_bytes()
+    assert main(train_args(run, npz)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_bernoulli_on_data_outside_unit_range_suggests_gaussian(tmp_path, capsys):
+    path = tmp_path / "big.npy"
+    np.save(path, np.random.default_rng(0).normal(0, 3, (100, 5)).astype(np.float32))
+    assert main(["train", "--out", str(tmp_path / "r"), "--data", str(path), "--no-progress"]) == 2
+    assert "--likelihood gaussian" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "g"), "--data", str(path), "--likelihood", "gaussian",
+                 "--sigma", "learned", "--hidden", "16", "--latent-dim", "2", "--epochs", "1",
+                 "--batch-size", "20", "--no-progress"]) == 0
+
+
+def test_usage_error_exits_2(capsys):
+    assert main(["train"]) == 2  # --out is required
+    assert main(["no-such-command"]) == 2
+
+
+def test_subprocess_train_and_eval(tmp_path, npz):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "vaekit", *train_args(run, npz)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    proc = subprocess.run([sys.executable, "-m", "vaekit", "eval", str(tmp_path / "nope")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from vaekit.config import PRESETS, RunConfig, preset
+from vaekit.errors import ConfigError
+
+
+def test_json_round_trip_is_exact():
+    cfg = RunConfig().replace(model={"latent_dim": 7, "hidden": [64, 32], "activation": "tanh"},
+                              train={"lr": 3e-4, "grad_clip": 5.0}, data={"subset": 100})
+    again = RunConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert again.model.hidden == (64, 32)  # lists come back as tuples, so equality holds
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"model": {"latnt_dim": 2}}, ["model.latnt_dim", "latent_dim"]),
+    ({"trian": {}}, ["trian"]),
+    ({"model": {"latent_dim": "two"}}, ["model.latent_dim", "integer"]),
+    ({"model": {"likelihood": "poisson"}}, ["bernoulli", "gaussian"]),
+    ({"model": {"latent_dim": 0}}, ["latent_dim", "at least 1"]),
+    ({"train": {"batch_size": -5}}, ["batch_size"]),
+    ({"train": {"lr": 0}}, ["lr"]),
+])
+def test_bad_config_names_the_problem(bad, words):
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict(bad)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_other_format_version_is_refused():
+    d = RunConfig().to_dict()
+    d["format_version"] = 99
+    with pytest.raises(ConfigError, match="99"):
+        RunConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid_configs(name):
+    RunConfig.from_dict(preset(name))
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="available"):
+        preset("nope")
+
+
+def test_config_is_frozen():
+    cfg = RunConfig()
+    with pytest.raises(Exception):
+        cfg.model.latent_dim = 3  # type: ignore[misc]
+    assert json.loads(cfg.to_json())["model"]["latent_dim"] == 20
