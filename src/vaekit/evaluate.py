@@ -1,0 +1,303 @@
+"""Evaluation: named quantities, each saying what it measured.
+
+nll          −log p(x) in nats, estimated by importance sampling with q(z|x) as the
+             proposal (Burda et al. 2015, eq. 8 with k samples; the IWAE bound L_k):
+                 log p̂(x) = logsumexp_i [log p(x|z_i) + log p(z_i) − log q(z_i|x)] − log k,
+                 z_i ~ q(z|x).
+             E[log p̂(x)] ≤ log p(x) and the gap closes as k grows; k = 5000 is the
+             usual protocol. A lower bound on log p, so reported nll is an upper bound.
+nelbo        −ELBO with one z-sample and the closed-form KL (objectives.elbo).
+bits/dim     nll / (n_dims · ln 2).
+active units Burda et al. 2015, §5.2: dim j is active if Cov_x(E_q[z_j]) > 0.01.
+
+Everything is computed on the model's device, batch by batch; each result names
+its estimator and k. Randomness comes from `torch.random.fork_rng` seeded with
+`seed`, so a run is repeatable and the caller's global RNG is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Distribution, Independent, kl_divergence
+from tqdm.auto import tqdm
+
+from vaekit.errors import ConfigError
+from vaekit.objectives import elbo
+
+ESTIMATOR = "importance sampling, proposal q(z|x)"
+PRECISIONS = ("fp32", "bf16")
+
+# Decoder output (float32) held at once by log_px. Measured on a 2-core CPU
+# (bench/eval_speed.py): chunks whose output fits in the last-level cache run
+# the matmul and the log-prob pass about 20% faster than 256 MiB chunks, whose
+# fresh pages the kernel must also zero on every allocation.
+CHUNK_BYTES = 16 * 2**20
+# Random numbers drawn per RNG call. The calls (and so the samples) depend on
+# k, the batch and this constant, never on chunk_size, so chunking cannot
+# change a seeded result.
+_RNG_BLOCK = 2**20
+
+
+def _device(model) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Seed the RNG of `device` (and the CPU's) inside a fork, restoring both after; no-op for None."""
+    if seed is None:
+        yield
+        return
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index]):
+            torch.random.default_generator.manual_seed(seed)
+            torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    else:  # other accelerators: torch.manual_seed seeds every device of the type
+        with torch.random.fork_rng(devices=[device], device_type=device.type):
+            torch.manual_seed(seed)
+            yield
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k (importance samples per image) must be a whole number >= 1, got {k!r}.")
+
+
+def _draws(q: Distribution, k: int, chunk_size: int):
+    """Yield k samples of q in tensors of (n ≤ chunk_size, B, D), drawn in RNG calls of a fixed size."""
+    per_draw = max(1, q.batch_shape.numel() * max(1, q.event_shape.numel()))
+    block = max(1, min(k, _RNG_BLOCK // per_draw))
+    pending: list[torch.Tensor] = []  # drawn, not yet yielded
+    have = drawn = 0
+    for start in range(0, k, chunk_size):
+        n = min(chunk_size, k - start)
+        while have < n:
+            m = min(block, k - drawn)
+            pending.append(q.sample((m,)))
+            drawn += m
+            have += m
+        z = torch.cat(pending) if len(pending) > 1 else pending[0]
+        pending = [z[n:]] if len(z) > n else []
+        have -= n
+        yield z[:n]
+
+
+def _log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor, sign: torch.Tensor | None):
+    """log p(x|z) + log p(z) − log q(z|x) for z of shape (n, B, D): returns (n, B).
+
+    The same quantity as objectives.log_weights, with one fast path. For a
+    Bernoulli decoder and binary x, log Bernoulli(x; logit l) = x·l − softplus(l)
+    = −softplus((1 − 2x)·l): one multiply and one softplus over the (n, B, *shape)
+    logits, where Bernoulli.log_prob (binary_cross_entropy_with_logits plus the
+    broadcast of x) takes about four passes. `sign` is 1 − 2x, or None for the
+    generic path. tests/test_evaluate.py checks the two agree.
+    """
+    p_x = model.decode(z)
+    if sign is not None and isinstance(p_x, Independent) and isinstance(p_x.base_dist, Bernoulli):
+        logits = p_x.base_dist.logits  # float32 even under autocast (the model casts)
+        log_lik = -F.softplus(logits * sign).flatten(-p_x.reinterpreted_batch_ndims).sum(-1)
+    else:
+        log_lik = p_x.log_prob(x)
+    return log_lik + model.prior().log_prob(z) - q.log_prob(z)
+
+
+@torch.no_grad()
+def log_px(model, x: torch.Tensor, k: int = 5000, *, chunk_size: int | None = None,
+           precision: str = "fp32", progress: bool = False, seed: int | None = None) -> torch.Tensor:
+    """Importance-sampled estimates of log p(x), shape (B,), for a batch x of shape (B, *shape).
+
+    log p̂(x) = logsumexp_i log w_i − log k, w_i = p(x, z_i) / q(z_i|x), z_i ~ q(z|x),
+    i = 1..k (Burda et al. 2015). x is encoded once; the k samples are decoded
+    `chunk_size` at a time for all B images together (default: as many as keep
+    the decoder output near CHUNK_BYTES), and the chunks are combined by a
+    running logsumexp, in float32 (float64 if the model computes in float64).
+
+    precision "bf16" runs the model under torch.autocast(bfloat16): the decoder's
+    matrix products in bf16, its output and every log-prob in float32.
+
+    seed: an int draws the samples from a forked, seeded RNG (the global RNG is
+    untouched, and the same seed, k and batch give the same result for any
+    chunk_size); None draws from the global RNG.
+    """
+    _check_k(k)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"chunk_size must be a whole number >= 1 or None, got {chunk_size!r}.")
+    device = _device(model)
+    x = x.to(device)
+    batch = x.shape[0]
+    if batch == 0:
+        return x.new_zeros(0, dtype=torch.promote_types(x.dtype, torch.float32))
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_BYTES // (4 * x[0].numel() * batch))
+    chunk_size = min(chunk_size, k)
+    sign = 1 - 2 * x if bool(((x == 0) | (x == 1)).all()) else None  # binary x: the fast path
+    autocast = _autocast(precision, device)
+    bar = tqdm(total=k, unit="sample", disable=not progress, leave=False)
+    acc = None  # running logsumexp of the log-weights so far, (B,)
+    with _eval_mode(model), _seeded(seed, device):
+        q = model.encode(x)  # batch shape (B,); full precision whatever `precision`: it runs once
+        for z in _draws(q, k, chunk_size):  # z: (n, B, D)
+            with autocast:
+                lw = _log_weights(model, x, q, z, sign)  # (n, B)
+            part = torch.logsumexp(lw.to(torch.promote_types(lw.dtype, torch.float32)), dim=0)
+            acc = part if acc is None else torch.logaddexp(acc, part)
+            bar.update(len(z))
+    bar.close()
+    return acc - math.log(k)
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (value/255) to float32 in [0, 1]; float data as is."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+def default_batch_size(k: int, shape: tuple[int, ...]) -> int:
+    """Images per log_px call: ≥ 100, and enough that one chunk of min(k, ·) samples fills CHUNK_BYTES."""
+    rows = max(1, CHUNK_BYTES // (4 * math.prod(shape)))  # decoder outputs per chunk
+    return max(100, rows // k)
+
+
+@torch.no_grad()
+def estimate_nll(model, x_all: torch.Tensor, k: int = 5000, *, batch_size: int | None = None,
+                 precision: str = "fp32", progress: bool = True, seed: int | None = 0) -> dict:
+    """The test-set mean of −log p̂(x) (log_px with k samples), in nats, with its standard error.
+
+    x_all (N, *shape) may live on the CPU; batches are moved to the model's device.
+    The result depends on (seed, k, batch_size), not on how log_px chunks the samples.
+    """
+    _check_k(k)
+    n = len(x_all)
+    if n == 0:
+        raise ConfigError("estimate_nll needs at least one image; x_all is empty.")
+    device = _device(model)
+    batch_size = batch_size or default_batch_size(k, tuple(x_all.shape[1:]))
+    parts = []
+    with _eval_mode(model), _seeded(seed, device):
+        bar = tqdm(total=n, unit="img", disable=not progress, desc=f"log p(x), k={k}")
+        for rows in _batches(n, batch_size):
+            parts.append(log_px(model, _as_float(x_all[rows]), k, precision=precision).double().cpu())
+            bar.update(rows.stop - rows.start)
+        bar.close()
+    nll = -torch.cat(parts)
+    return {
+        "nll": nll.mean().item(),
+        "nll_stderr": _stderr(nll),
+        "k": k,
+        "n_images": n,
+        "precision": precision,
+        "estimator": ESTIMATOR,
+    }
+
+
+def _stderr(v: torch.Tensor) -> float:
+    return (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
+
+
+@torch.no_grad()
+def elbo_terms(model, x_all: torch.Tensor, *, batch_size: int = 1000, seed: int | None = 0) -> dict:
+    """Means over the set of −ELBO, its reconstruction term and its KL, in nats.
+
+    One z-sample per image (from a forked RNG seeded with `seed`), closed-form KL.
+    kl_per_dim is the closed-form KL of each latent dimension, averaged over the
+    set; None when q(z|x) and p(z) are not factorised (Independent) distributions.
+    """
+    device = _device(model)
+    nelbo, recon, kl, kl_dims = [], [], [], []
+    with _eval_mode(model), _seeded(seed, device):
+        for rows in _batches(len(x_all), batch_size):
+            x = _as_float(x_all[rows]).to(device)
+            parts = elbo(model, x)
+            nelbo.append(-parts.elbo.double().cpu())
+            recon.append(parts.distortion.double().cpu())
+            kl.append(parts.rate.double().cpu())
+            kl_dims.append(_kl_per_dim(model.encode(x), model.prior()))
+    nelbo = torch.cat(nelbo)
+    out = {
+        "nelbo": nelbo.mean().item(),
+        "nelbo_stderr": _stderr(nelbo),
+        "recon": torch.cat(recon).mean().item(),
+        "kl": torch.cat(kl).mean().item(),
+        "kl_per_dim": None,
+    }
+    if all(d is not None for d in kl_dims):
+        out["kl_per_dim"] = torch.cat(kl_dims).mean(0).tolist()
+    return out
+
+
+def _kl_per_dim(q: Distribution, prior: Distribution) -> torch.Tensor | None:
+    """(B, D) closed-form KL per latent dimension, or None if either side is not Independent."""
+    if not (isinstance(q, Independent) and isinstance(prior, Independent)):
+        return None
+    kl = kl_divergence(q.base_dist, prior.base_dist)  # (B, *event_shape)
+    return kl.flatten(1).double().cpu()
+
+
+@torch.no_grad()
+def active_units(model, x_all: torch.Tensor, threshold: float = 0.01,
+                 batch_size: int = 1000) -> tuple[int, torch.Tensor]:
+    """Burda et al. 2015, §5.2: A_u = Cov_x(E_q[u]) > threshold, per latent dimension.
+
+    Returns (number of active dims, (D,) float64 variances over x of q's mean;
+    population variance, i.e. divided by N).
+    """
+    device = _device(model)
+    means = []
+    with _eval_mode(model):
+        for rows in _batches(len(x_all), batch_size):
+            means.append(model.encode(_as_float(x_all[rows]).to(device)).mean.double().cpu())
+    means = torch.cat(means).flatten(1)  # (N, D)
+    var = means.var(dim=0, correction=0)
+    return int((var > threshold).sum()), var
+
+
+def bits_per_dim(nll_nats: float, n_dims: int) -> float:
+    """Nats per example to bits per data dimension."""
+    return nll_nats / (n_dims * math.log(2))
+
+
+def evaluate(model, x_all: torch.Tensor, *, k: int = 5000, precision: str = "fp32",
+             batch_size: int | None = None, seed: int | None = 0, progress: bool = True) -> dict:
+    """nll (IS, k samples) with stderr, nelbo/recon/kl, bits/dim, active units, in one dict."""
+    n_dims = math.prod(x_all.shape[1:])
+    out = estimate_nll(model, x_all, k, batch_size=batch_size, precision=precision,
+                       progress=progress, seed=seed)
+    out.update(elbo_terms(model, x_all, seed=seed))
+    count, _ = active_units(model, x_all)
+    out["bits_per_dim"] = bits_per_dim(out["nll"], n_dims)
+    out["active_units"] = count
+    return out
