@@ -93,7 +93,35 @@ def test_iwae_k1_equals_single_sample_log_weight_and_bounds_are_ordered():
 
 def test_gaussian_learned_sigma_is_trained():
     model = tiny("gaussian", learn_sigma=True, sigma=0.5)
-    assert any(n == "log_sigma" for n, _ in model.named_parameters())
+    assert any(n == "likelihood.log_sigma" for n, _ in model.named_parameters())
     x = torch.rand(8, 1, 4, 5)
     elbo(model, x).loss.mean().backward()
-    assert model.log_sigma.grad is not None and model.log_sigma.grad.abs().sum() > 0
+    assert model.likelihood.log_sigma.grad is not None and model.likelihood.log_sigma.grad.abs().sum() > 0
+
+
+def test_free_bits_floor_each_dimension_in_the_loss_only():
+    torch.manual_seed(7)
+    model = tiny()
+    x = torch.rand(6, 1, 4, 5).bernoulli()
+    floor = 0.4
+    torch.manual_seed(0)
+    plain = elbo(model, x)
+    torch.manual_seed(0)
+    fb = elbo(model, x, free_bits=floor)
+    torch.testing.assert_close(fb.rate, plain.rate)  # the reported KL is the true KL
+    q = model.encode(x)
+    per_dim = 0.5 * (q.mean**2 + q.variance - 1 - q.variance.log())  # (B, D), Appendix B per dimension
+    assert (per_dim < floor).any(), "the test needs some dimensions under the floor"
+    expected = plain.distortion + torch.maximum(per_dim, torch.tensor(floor)).sum(-1)
+    torch.testing.assert_close(fb.loss, expected, rtol=1e-5, atol=1e-4)
+    assert (fb.loss - fb.distortion >= floor * model.latent_dim - 1e-5).all()
+
+
+def test_beta_one_without_extras_is_the_plain_elbo():
+    model = tiny()
+    x = torch.rand(5, 1, 4, 5).bernoulli()
+    torch.manual_seed(1)
+    a = elbo(model, x, beta=1.0, free_bits=0.0)
+    torch.manual_seed(1)
+    b = elbo(model, x)
+    torch.testing.assert_close(a.loss, -b.elbo)

@@ -1,7 +1,10 @@
 """Run directories: atomic writes, refusal of pickles, clear errors for damaged runs."""
 
+import errno
 import os
 import pickle
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +94,70 @@ def test_optimizer_state_round_trip():
     for a, b in zip(opt.state.values(), opt2.state.values()):
         for key in a:
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
+
+
+def _small_config():
+    return RunConfig(model=ModelConfig(latent_dim=2, hidden=(4,), input_shape=(3,)))
+
+
+def test_a_full_disk_while_saving_tensors_is_an_oserror_and_keeps_the_old_file(tmp_path, monkeypatch):
+    # safetensors' own file writer reports I/O errors as SafetensorError; ours must be OSError(ENOSPC).
+    target = tmp_path / "w.safetensors"
+    runs.save_tensors(target, {"a": torch.ones(3)})
+    before = target.read_bytes()
+    real = Path.write_bytes
+
+    def half_then_full(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    with pytest.raises(OSError) as e:
+        runs.save_tensors(target, {"a": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        runs.write_text(tmp_path / "a.txt", "x")
+        runs.create_run(tmp_path / "run", _small_config())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o755
+
+
+def test_create_run_makes_directory_and_config_at_once_and_discard_removes_only_its_own(tmp_path):
+    cfg = _small_config()
+    created = runs.create_run(tmp_path / "a" / "b" / "run", cfg)
+    assert created == tmp_path / "a"  # the topmost directory it had to make
+    assert runs.load_config(tmp_path / "a" / "b" / "run") == cfg
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temp directory left beside it
+    runs.discard_run(tmp_path / "a" / "b" / "run", created)
+    assert list(tmp_path.iterdir()) == []
+
+    mine = tmp_path / "mine"  # a directory the user made: kept, only vaekit's files go
+    mine.mkdir()
+    assert runs.create_run(mine, cfg) is None
+    (mine / "metrics.jsonl").write_text("")
+    (mine / ".last.safetensors.x1y2.tmp").write_text("")
+    (mine / "notes.txt").write_text("not vaekit's")
+    runs.discard_run(mine, None)
+    assert mine.is_dir() and [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_create_run_under_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "f").write_text("user data")
+    with pytest.raises(RunError, match="cannot create the run directory"):
+        runs.create_run(tmp_path / "f" / "run", _small_config())
+    assert (tmp_path / "f").read_text() == "user data"
+
+
+def test_remove_temp_files_removes_only_atomic_write_leftovers(tmp_path):
+    for name in (".state.safetensors.abc123.tmp", ".metrics.jsonl.x.tmp", "notes.tmp", ".hidden", "config.json"):
+        (tmp_path / name).write_text("x")
+    runs.remove_temp_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "config.json", "notes.tmp"]

@@ -1,12 +1,14 @@
 """The training loop: learning, checkpoints, exact resume, guarded numerics."""
 
+import errno
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vaekit import runs
+from vaekit import runs, train
 from vaekit.config import RunConfig
 from vaekit.data import Dataset, Splits
 from vaekit.errors import RunError
@@ -80,7 +82,7 @@ def test_resume_is_bitwise_exact(tmp_path, binarize):
 
 def test_resume_without_a_finished_epoch_says_so(tmp_path):
     cfg = toy_config()
-    with pytest.raises(RunError, match="no epoch finished"):
+    with pytest.raises(RunError, match="before writing its first checkpoint"):
         fit(build(cfg.model), cfg, toy_splits(), tmp_path, resume=True, progress=False)
 
 
@@ -115,3 +117,139 @@ def test_bf16_autocast_trains(tmp_path):
     assert all(torch.isfinite(torch.tensor(m["valid_nelbo"])) for m in metrics)
     assert metrics[-1]["valid_nelbo"] < metrics[0]["valid_nelbo"] + 1.0
     json.dumps(metrics)  # plain floats only
+
+
+def _weights_equal(a_path, b_path):
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _without_seconds(ms):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
+
+
+def _patch_elbo(monkeypatch, on_train_step):
+    """Replace the objective the loop calls; ``on_train_step(n, parts)`` sees the n-th training call (1-based)."""
+    real, calls = train.elbo, [0]
+
+    def patched(model, x, beta=1.0):
+        parts = real(model, x, beta=beta)
+        if not model.training:  # validation passes are left alone
+            return parts
+        calls[0] += 1
+        return on_train_step(calls[0], parts)
+
+    monkeypatch.setattr(train, "elbo", patched)
+
+
+def _state_meta(run):
+    with safe_open(str(run / "state.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["state"]), set(f.keys())
+
+
+# 200 training images in batches of 32: 7 steps an epoch, 21 in all; checkpoints at global steps 3, 6, 9, ...
+@pytest.mark.parametrize("binarize, crash_step, last_ckpt", [
+    ("dynamic", 11, (1, 2)),  # epoch 2 checkpointed after its 2nd step (global step 9)
+    ("static", 16, (2, 1)),  # epoch 3 after its 1st step (global step 15)
+    ("none", 13, (1, 5)),  # epoch 2 after its 5th step (global step 12)
+])
+def test_mid_epoch_resume_is_bitwise_exact(tmp_path, monkeypatch, binarize, crash_step, last_ckpt):
+    splits = toy_splits()
+    cfg = toy_config(epochs=3).replace(data={"binarize": binarize})
+    straight = fit(build(cfg.model, seed=0), cfg, splits, tmp_path / "straight", progress=False)
+
+    cfg = cfg.replace(train={"checkpoint_every": 3})
+    run = tmp_path / "broken"
+
+    def crash(n, parts):
+        if n == crash_step:
+            raise Crash
+        return parts
+
+    _patch_elbo(monkeypatch, crash)
+    with pytest.raises(Crash):
+        fit(build(cfg.model, seed=0), cfg, splits, run, progress=False)
+    monkeypatch.undo()
+    state, keys = _state_meta(run)
+    assert (state["epoch"], state["part"]["index"]) == last_ckpt
+    assert {"epoch.order", "epoch.sums"} <= keys
+
+    torch.manual_seed(12345)  # resume must not depend on the global RNG
+    resumed = fit(build(cfg.model, seed=7), cfg, splits, run, resume=True, progress=False)
+    assert _without_seconds(resumed) == _without_seconds(straight)
+    assert _without_seconds(runs.read_jsonl(run / "metrics.jsonl")) == _without_seconds(straight)
+    for name in ("last.safetensors", "model.safetensors"):
+        assert _weights_equal(tmp_path / "straight" / name, run / name)
+    assert "part" not in _state_meta(run)[0]  # the finished run's checkpoint is an epoch boundary
+
+
+def test_checkpoint_every_step_changes_nothing_but_the_files(tmp_path):
+    splits = toy_splits()
+    cfg = toy_config(epochs=2)
+    a = fit(build(cfg.model, seed=0), cfg, splits, tmp_path / "a", progress=False)
+    b = fit(build(cfg.model, seed=0), cfg.replace(train={"checkpoint_every": 1}), splits, tmp_path / "b", progress=False)
+    assert _without_seconds(a) == _without_seconds(b)
+    assert _weights_equal(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
+    assert not any(runs.is_temp_file(p) for p in (tmp_path / "b").iterdir())
+
+
+def test_part_epoch_checkpoint_refuses_another_batch_size(tmp_path, monkeypatch):
+    cfg = toy_config(epochs=2, checkpoint_every=2)
+
+    def crash(n, parts):
+        if n == 4:
+            raise Crash
+        return parts
+
+    _patch_elbo(monkeypatch, crash)
+    with pytest.raises(Crash):
+        fit(build(cfg.model), cfg, toy_splits(), tmp_path, progress=False)
+    monkeypatch.undo()
+    other = cfg.replace(train={"batch_size": 16})
+    with pytest.raises(RunError, match=r"batch size 32 .* batch size 16"):
+        fit(build(other.model), other, toy_splits(), tmp_path, resume=True, progress=False)
+
+
+def test_a_few_non_finite_steps_are_skipped_counted_and_training_goes_on(tmp_path, monkeypatch):
+    cfg = toy_config(epochs=3)  # 7 steps an epoch
+    bad = {3, 10}  # the 3rd step of epoch 1 and the 3rd of epoch 2
+
+    def nan_loss(n, parts):
+        return parts._replace(loss=parts.loss * float("nan")) if n in bad else parts
+
+    _patch_elbo(monkeypatch, nan_loss)
+    model = build(cfg.model)
+    metrics = fit(model, cfg, toy_splits(), tmp_path, progress=False)
+    assert [m["skipped_steps"] for m in metrics] == [1, 1, 0]
+    assert [m["step"] for m in metrics] == [7, 14, 21]
+    assert _state_meta(tmp_path)[0]["skipped_steps"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "last.safetensors")).values())
+    assert all(torch.isfinite(torch.tensor(m["train_nelbo"])) for m in metrics)
+    # Adam took exactly the 19 good steps: the skipped ones never reached the optimizer.
+    adam_steps = {k: v for k, v in load_file(str(tmp_path / "state.safetensors")).items() if k.endswith(".step")}
+    assert adam_steps and all(v.item() == 19 for v in adam_steps.values())
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch):
+    cfg = toy_config(epochs=3)
+    fit(build(cfg.model), cfg.replace(train={"epochs": 1}), toy_splits(), tmp_path, progress=False)
+    good = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = runs.atomic_write
+
+    def half_then_enospc(path, write):
+        def writer(p):
+            write(p)
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, writer if path.name == "state.safetensors" else write)
+
+    monkeypatch.setattr(runs, "atomic_write", half_then_enospc)
+    with pytest.raises(RunError) as e:
+        fit(build(cfg.model), cfg, toy_splits(), tmp_path, resume=True, progress=False)
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert "disk is full" in msg and "epoch 1" in msg and f"vaekit train --out {tmp_path} --resume" in msg
+    assert (tmp_path / "state.safetensors").read_bytes() == good["state.safetensors"]
+    assert not any(runs.is_temp_file(p) for p in tmp_path.iterdir())
+    assert _state_meta(tmp_path)[0]["epoch"] == 1

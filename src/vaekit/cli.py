@@ -65,27 +65,30 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def _prepare_out(out: Path, resume: bool) -> None:
-    """Fail before any training if --out cannot hold a run."""
+    """Fail before any training if --out cannot hold a run. Creates nothing: the run
+    directory is made only once the data has loaded and passed its checks."""
     if resume:
         runs.check_run_dir(out)
-        return
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file; give a directory for the run.")
-    if out.is_dir() and any(out.iterdir()):
-        raise RunError(
-            f"--out {out} already holds files; pick a new directory, or continue it with `vaekit train --resume {out}`."
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"x" * 1024)
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"cannot write to --out {out}: {e.strerror}. Choose a writable directory.") from e
+    else:
+        if out.exists() and not out.is_dir():
+            raise RunError(f"--out {out} is a file; give a directory for the run.")
+        if out.is_dir() and any(out.iterdir()):
+            raise RunError(f"--out {out} already holds files; pick a new directory, or continue the run in it "
+                           f"with `vaekit train --out {out} --resume`.")
+        parent = out
+        while not parent.exists():  # the directory the run would be created in
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RunError(f"cannot create --out {out}: {parent} is a file, not a directory. "
+                           "Choose an --out inside a directory.")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunError(f"cannot write to --out {out}: {parent} is not writable. Choose a writable directory.")
     if hasattr(os, "statvfs"):
-        st = os.statvfs(out)
-        if st.f_bavail * st.f_frsize < 50 * 2**20:
-            raise RunError(f"less than 50 MiB free where --out {out} lives; free some space first.")
+        st = os.statvfs(out if out.exists() else parent)
+        free = st.f_bavail * st.f_frsize
+        if free < 50 * 2**20:
+            raise RunError(f"only {free / 2**20:.1f} MiB free on the disk that holds --out {out}; a run needs "
+                           "at least 50 MiB for checkpoints and figures. Free some space or choose another --out.")
 
 
 def _save_figures(run: Path, figs: dict) -> None:
@@ -150,7 +153,9 @@ def train(
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast, fp32 weights)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config.json to start from."),
     set_: List[str] = typer.Option([], "--set", help="Any config field: --set model.activation=tanh."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N "
+                                                   "steps, not only after each epoch (for runs that may be killed)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -160,6 +165,15 @@ def train(
     from vaekit.train import fit
 
     if resume:
+        given = [flag for flag, value in [
+            ("--preset", preset_name), ("--data", data), ("--latent-dim", latent_dim), ("--hidden", hidden),
+            ("--activation", activation), ("--likelihood", likelihood), ("--sigma", sigma), ("--binarize", binarize),
+            ("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr), ("--beta", beta), ("--seed", seed),
+            ("--subset", subset), ("--precision", precision), ("--config", config_file), ("--set", set_ or None),
+            ("--checkpoint-every", checkpoint_every)] if value is not None]
+        if given:
+            raise ConfigError(f"--resume continues the run with its saved {out / 'config.json'}, so "
+                              f"{', '.join(given)} would be ignored; drop them (or edit config.json).")
         cfg = runs.load_config(out)
     else:
         base: dict[str, Any] = RunConfig().to_dict()
@@ -174,7 +188,7 @@ def train(
                       "hidden": _parse_hidden(hidden) if hidden else None},
             "data": {"source": data, "binarize": binarize, "subset": subset},
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed,
-                      "precision": precision},
+                      "precision": precision, "checkpoint_every": checkpoint_every},
         }
         if sigma is not None:
             if sigma == "learned":
@@ -196,22 +210,33 @@ def train(
         cfg = RunConfig.from_dict(merged)
     _prepare_out(out, resume)
 
+    # Load and check the data before writing anything, so bad data leaves no run behind.
     splits = load_data(cfg.data.source, subset=cfg.data.subset, valid_fraction=cfg.data.valid_fraction,
                        split_seed=cfg.data.split_seed)
     if cfg.model.likelihood == "bernoulli":
-        check_unit_range(splits.train)
+        for ds in (splits.train, splits.valid, splits.test):
+            if ds is not None:
+                check_unit_range(ds)
     if cfg.train.batch_size > len(splits.train):
         raise ConfigError(f"--batch-size {cfg.train.batch_size} is larger than the {len(splits.train)} training "
                           "examples; use a smaller batch.")
     cfg = cfg.replace(model={"input_shape": list(splits.train.shape)})
-    if not resume:
-        runs.save_config(out, cfg)
     model = build(cfg.model, seed=cfg.train.seed).to(_device(device))
+    has_checkpoint = (out / "state.safetensors").is_file()
+    if resume and not has_checkpoint:
+        typer.echo(f"{out} has no checkpoint yet (it stopped before writing its first one); training it again "
+                   "from the start with its config.json.", err=True)
+    created = None if resume else runs.create_run(out, cfg)
     t0 = time.perf_counter()
-    fit(model, cfg, splits, out, resume=resume, progress=progress,
-        on_epoch=lambda r: typer.echo(
-            f"epoch {r['epoch']:>3}  train -ELBO {r['train_nelbo']:.2f}  valid -ELBO {r['valid_nelbo']:.2f} "
-            f"(recon {r['valid_recon']:.2f}, KL {r['valid_kl']:.2f})  {r['seconds']:.1f}s", err=True))
+    try:
+        fit(model, cfg, splits, out, resume=resume and has_checkpoint, progress=progress,
+            on_epoch=lambda r: typer.echo(
+                f"epoch {r['epoch']:>3}  train -ELBO {r['train_nelbo']:.2f}  valid -ELBO {r['valid_nelbo']:.2f} "
+                f"(recon {r['valid_recon']:.2f}, KL {r['valid_kl']:.2f})  {r['seconds']:.1f}s", err=True))
+    except Exception:
+        if not resume and not (out / "state.safetensors").is_file():
+            runs.discard_run(out, created)  # failed before its first checkpoint: nothing worth keeping
+        raise
     summary = finish_run(out, progress=progress)
     split = "test" if "test" in summary else "valid"
     typer.echo(f"done in {time.perf_counter() - t0:.1f}s: {split} ELBO {summary[split]['elbo']:.2f} nats; "
@@ -247,7 +272,7 @@ def sample(
     from vaekit import generate, plots
 
     model = runs.load(run)
-    imgs = generate.sample(model, n, generator=torch.Generator().manual_seed(seed))
+    imgs = generate.sample(model, n, seed=seed)
     path = out or Path(run) / "samples.png"
     _save_figures(path.parent, {path.name: plots.samples(imgs)})
     typer.echo(str(path))

@@ -25,9 +25,12 @@ Precision = Literal["fp32", "bf16"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["mlp"] = "mlp"
-    latent_dim: int = 20
-    hidden: tuple[int, ...] = (400,)  # encoder widths; the decoder mirrors them
+    arch: Literal["mlp", "conv", "mlp2"] = "mlp"
+    latent_dim: int = 20  # size of z; for "mlp2" the top layer z2
+    hidden: tuple[int, ...] = (400,)  # encoder widths (after the convolutions for "conv"); the decoder mirrors them
+    channels: tuple[int, ...] = (32, 64)  # "conv": stride-2 3×3 convolutions, one per entry
+    latent1_dim: int = 100  # "mlp2": the lower stochastic layer z1 (IWAE paper: 100)
+    hidden2: tuple[int, ...] = (100, 100)  # "mlp2": widths of the z1 <-> z2 networks
     activation: Activation = "relu"
     likelihood: Likelihood = "bernoulli"
     sigma: float = 1.0  # gaussian: the fixed σ, or the initial σ when learn_sigma
@@ -37,8 +40,14 @@ class ModelConfig:
     def check(self) -> None:
         if self.latent_dim < 1:
             raise ConfigError(f"latent_dim must be at least 1, got {self.latent_dim}.")
-        if any(h < 1 for h in self.hidden):
-            raise ConfigError(f"hidden sizes must be positive, got {list(self.hidden)}.")
+        for name in ("hidden", "channels", "hidden2"):
+            if any(h < 1 for h in getattr(self, name)):
+                raise ConfigError(f"{name} sizes must be positive, got {list(getattr(self, name))}.")
+        if self.latent1_dim < 1:
+            raise ConfigError(f"latent1_dim must be at least 1, got {self.latent1_dim}.")
+        if self.arch == "conv" and len(self.input_shape) != 3:
+            raise ConfigError(f"the conv model needs images (C, H, W); this data has shape {list(self.input_shape)}. "
+                              "Use --set model.arch=mlp for flat vectors.")
         if self.sigma <= 0:
             raise ConfigError(f"sigma must be positive, got {self.sigma}.")
         if not self.input_shape or any(s < 1 for s in self.input_shape):
@@ -71,6 +80,11 @@ class TrainConfig:
     eval_batch_size: int = 1000
     precision: Precision = "fp32"
     grad_clip: float | None = None
+    checkpoint_every: int | None = None  # also checkpoint every N steps, not only at epoch ends
+    objective: Literal["elbo", "iwae"] = "elbo"
+    k: int = 1  # importance samples per example for objective "iwae" (Burda et al. 2015)
+    warmup_steps: int = 0  # β rises linearly from 0 over this many steps (KL warm-up)
+    free_bits: float = 0.0  # nats: a floor on each latent dimension's KL in the loss (Kingma et al. 2016)
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -81,6 +95,17 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if self.beta < 0:
             raise ConfigError(f"beta must be non-negative, got {self.beta}.")
+        if self.k < 1:
+            raise ConfigError(f"k (importance samples) must be at least 1, got {self.k}.")
+        if self.objective == "elbo" and self.k != 1:
+            raise ConfigError(f"k = {self.k} needs the IWAE objective: add --objective iwae (the ELBO uses one sample).")
+        if self.warmup_steps < 0 or self.free_bits < 0:
+            raise ConfigError("warmup_steps and free_bits must be non-negative.")
+        if self.objective == "iwae" and (self.free_bits > 0 or self.beta != 1.0):
+            raise ConfigError("free bits and β apply to the ELBO's KL term; the IWAE objective has none. "
+                              "Drop --free-bits/--beta or use --objective elbo.")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be at least 1 step (or unset), got {self.checkpoint_every}.")
 
 
 @dataclass(frozen=True)
@@ -212,12 +237,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"binarize": "dynamic"},
         "train": {"batch_size": 100, "lr": 1e-3, "epochs": 100},
     },
+    # Burda et al. 2015, two stochastic layers: 784-200-200-100-100-100-50, tanh.
+    "iwae-2l": {
+        "model": {"arch": "mlp2", "hidden": [200, 200], "latent1_dim": 100, "hidden2": [100, 100],
+                  "latent_dim": 50, "activation": "tanh"},
+        "data": {"binarize": "dynamic"},
+        "train": {"batch_size": 100, "lr": 1e-3, "epochs": 100},
+    },
+    # Keras "Variational AutoEncoder" (convolutional): two stride-2 3×3 convolutions (32, 64), dense 16.
+    "conv": {
+        "model": {"arch": "conv", "channels": [32, 64], "hidden": [16], "latent_dim": 2, "activation": "relu"},
+        "train": {"batch_size": 128, "lr": 1e-3, "epochs": 30},
+    },
+    # Higgins et al. 2017 (β-VAE): the ELBO's KL weighted by β > 1 for a more disentangled code.
+    "beta-vae": {
+        "model": {"hidden": [400], "latent_dim": 10, "activation": "relu"},
+        "train": {"batch_size": 128, "lr": 1e-3, "epochs": 20, "beta": 4.0},
+    },
 }
 
 PRESET_SOURCES: dict[str, str] = {
     "pytorch-example": "pytorch/examples vae/main.py (784-400-20, ReLU, Adam 1e-3, batch 128)",
     "keras-tutorial": "Keras VAE example, MLP version (784-512-2, ReLU)",
     "iwae-1l": "Burda et al. 2015, Importance Weighted Autoencoders, 1 stochastic layer (784-200-200-50, tanh)",
+    "iwae-2l": "Burda et al. 2015, 2 stochastic layers (784-200-200-100-100-100-50, tanh)",
+    "conv": "Keras VAE example, convolutional version (Conv 32, Conv 64, stride 2; dense 16)",
+    "beta-vae": "Higgins et al. 2017, beta-VAE (beta = 4 on a 784-400-10 MLP)",
 }
 
 

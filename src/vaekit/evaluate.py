@@ -32,10 +32,10 @@ ESTIMATOR = "importance sampling, proposal q(z|x)"
 PRECISIONS = ("fp32", "bf16")
 
 # Decoder output (float32) held at once by log_px. Measured on a 2-core CPU
-# (bench/eval_speed.py): chunks whose output fits in the last-level cache run
-# the matmul and the log-prob pass about 20% faster than 256 MiB chunks, whose
-# fresh pages the kernel must also zero on every allocation.
-CHUNK_BYTES = 16 * 2**20
+# with a 32 MiB L3, both MLP models, fp32 and bf16: 2-8 MiB chunks run at the
+# same speed; 16 MiB and more are 1.4-2x slower (the logits and their
+# temporaries no longer stay in cache); 1 MiB starts to pay per-call overhead.
+CHUNK_BYTES = 4 * 2**20
 # Random numbers drawn per RNG call. The calls (and so the samples) depend on
 # k, the batch and this constant, never on chunk_size, so chunking cannot
 # change a seeded result.
@@ -112,21 +112,63 @@ def _draws(q: Distribution, k: int, chunk_size: int):
         yield z[:n]
 
 
-def _log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor, sign: torch.Tensor | None):
+class _BinaryBernoulli:
+    """log p(x|z) for binary x under a Bernoulli decoder, faster than Bernoulli.log_prob.
+
+    log Bernoulli(x; logit l) = x·l − softplus(l) = −softplus(s·l) with s = 1 − 2x:
+    a multiply and a softplus over the (n, B, *shape) logits, where
+    Bernoulli.log_prob (binary_cross_entropy_with_logits after broadcasting x)
+    makes about four passes.
+
+    bf16: the decoder's last matmul rounds the logits to bfloat16 (the model
+    then casts them to float32), so each logit is one of 2^16 values and
+    softplus(±l) can be looked up in a float32 table of all of them: the same
+    numbers the softplus would give, without an exp and a log1p per pixel. The
+    index is the logit's top 16 bits (a float32 holding a bf16 value has zero
+    low bits) + 32768, + 65536 where x = 1 to select softplus(−l). Used only if
+    the first chunk's logits really are bf16 values.
+
+    tests/test_evaluate.py checks both forms against Bernoulli.log_prob.
+    """
+
+    def __init__(self, x: torch.Tensor, bf16: bool):
+        self.sign = 1 - 2 * x  # (B, *shape)
+        self.table = self.offset = None
+        self.checked = False
+        if bf16:
+            v = torch.arange(-32768, 32768, dtype=torch.int32, device=x.device)
+            v = v.to(torch.int16).view(torch.bfloat16).float()  # every bf16 value, by signed bit pattern
+            self.table = torch.cat([F.softplus(v), F.softplus(-v)])  # (131072,)
+            self.offset = (32768 + 65536 * x).to(torch.int32)  # (B, *shape)
+
+    def __call__(self, p_x: Distribution) -> torch.Tensor | None:
+        """(n, B) log-likelihoods, or None if p_x is not a Bernoulli with an event over x's dims."""
+        if not (isinstance(p_x, Independent) and isinstance(p_x.base_dist, Bernoulli)):
+            return None
+        logits, dims = p_x.base_dist.logits, p_x.reinterpreted_batch_ndims
+        if self.table is not None and logits.dtype == torch.float32:
+            bits = logits.view(torch.int32)
+            if not self.checked:
+                self.checked = True
+                if (bits & 0xFFFF).any():  # not bf16 values: the softplus form below
+                    self.table = None
+            if self.table is not None:
+                idx = bits >> 16  # signed bf16 bit pattern, −32768..32767
+                idx += self.offset
+                return -self.table.index_select(0, idx.flatten()).view(idx.shape).flatten(-dims).sum(-1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return -F.softplus(logits * self.sign).flatten(-dims).sum(-1)
+
+
+def _log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,
+                 fast: _BinaryBernoulli | None = None) -> torch.Tensor:
     """log p(x|z) + log p(z) − log q(z|x) for z of shape (n, B, D): returns (n, B).
 
-    The same quantity as objectives.log_weights, with one fast path. For a
-    Bernoulli decoder and binary x, log Bernoulli(x; logit l) = x·l − softplus(l)
-    = −softplus((1 − 2x)·l): one multiply and one softplus over the (n, B, *shape)
-    logits, where Bernoulli.log_prob (binary_cross_entropy_with_logits plus the
-    broadcast of x) takes about four passes. `sign` is 1 − 2x, or None for the
-    generic path. tests/test_evaluate.py checks the two agree.
+    objectives.log_weights, with log p(x|z) from `fast` where it applies.
     """
     p_x = model.decode(z)
-    if sign is not None and isinstance(p_x, Independent) and isinstance(p_x.base_dist, Bernoulli):
-        logits = p_x.base_dist.logits  # float32 even under autocast (the model casts)
-        log_lik = -F.softplus(logits * sign).flatten(-p_x.reinterpreted_batch_ndims).sum(-1)
-    else:
+    log_lik = fast(p_x) if fast is not None else None
+    if log_lik is None:
         log_lik = p_x.log_prob(x)
     return log_lik + model.prior().log_prob(z) - q.log_prob(z)
 
@@ -157,21 +199,20 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, chunk_size: int | None = No
     batch = x.shape[0]
     if batch == 0:
         return x.new_zeros(0, dtype=torch.promote_types(x.dtype, torch.float32))
-    if chunk_size is None:
-        chunk_size = max(1, CHUNK_BYTES // (4 * x[0].numel() * batch))
-    chunk_size = min(chunk_size, k)
-    sign = 1 - 2 * x if bool(((x == 0) | (x == 1)).all()) else None  # binary x: the fast path
+    chunk_size = min(chunk_size or default_chunk_size(batch, tuple(x.shape[1:])), k)
     autocast = _autocast(precision, device)
+    binary = bool(((x == 0) | (x == 1)).all())
+    fast = _BinaryBernoulli(x, bf16=precision == "bf16") if binary else None
     bar = tqdm(total=k, unit="sample", disable=not progress, leave=False)
     acc = None  # running logsumexp of the log-weights so far, (B,)
     with _eval_mode(model), _seeded(seed, device):
         q = model.encode(x)  # batch shape (B,); full precision whatever `precision`: it runs once
-        for z in _draws(q, k, chunk_size):  # z: (n, B, D)
-            with autocast:
-                lw = _log_weights(model, x, q, z, sign)  # (n, B)
-            part = torch.logsumexp(lw.to(torch.promote_types(lw.dtype, torch.float32)), dim=0)
-            acc = part if acc is None else torch.logaddexp(acc, part)
-            bar.update(len(z))
+        with autocast:  # entered once, so each weight is cast to bf16 once
+            for z in _draws(q, k, chunk_size):  # z: (n, B, D)
+                lw = _log_weights(model, x, q, z, fast)  # (n, B)
+                part = torch.logsumexp(lw.to(torch.promote_types(lw.dtype, torch.float32)), dim=0)
+                acc = part if acc is None else torch.logaddexp(acc, part)
+                bar.update(len(z))
     bar.close()
     return acc - math.log(k)
 
@@ -184,6 +225,11 @@ def _batches(n: int, batch_size: int):
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 images (value/255) to float32 in [0, 1]; float data as is."""
     return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+def default_chunk_size(n_images: int, shape: tuple[int, ...]) -> int:
+    """Samples per decoder call in log_px: float32 output of about CHUNK_BYTES for n_images images."""
+    return max(1, CHUNK_BYTES // (4 * math.prod(shape) * n_images))
 
 
 def default_batch_size(k: int, shape: tuple[int, ...]) -> int:

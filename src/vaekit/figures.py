@@ -34,7 +34,7 @@ def run_figures(
     show = x[:n_show]
     figs: dict[str, Figure] = {
         "reconstructions.png": plots.reconstructions(show, generate.reconstruct(model, show)),
-        "samples.png": plots.samples(generate.sample(model, 64, generator=g)),
+        "samples.png": plots.samples(generate.sample(model, 64, seed=seed)),
         "latent.png": plots.latent_scatter(
             generate.encode_mean(model, x[:n_latent]), None if labels is None else labels[:n_latent]
         ),

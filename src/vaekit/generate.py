@@ -29,9 +29,15 @@ def reconstruct(model, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n images decoded from z ~ N(0, I): (n, *shape) decoder means."""
-    z = torch.randn(n, model.latent_dim, generator=generator).to(_device(model))
+def sample(model, n: int, seed: int | None = None) -> torch.Tensor:
+    """n images decoded from z ~ p(z) (N(0, I) for one stochastic layer): (n, *shape) decoder means.
+
+    With a seed the draw is repeatable and the global random state is left untouched.
+    """
+    with torch.random.fork_rng(devices=[] if _device(model).type == "cpu" else [_device(model)]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        z = model.prior().sample((n,))  # (n, D)
     return model.decode(z).mean.cpu()
 
 

@@ -17,7 +17,9 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Distribution, Independent, kl_divergence
+
+from vaekit.errors import ConfigError
 
 
 class ElboParts(NamedTuple):
@@ -33,13 +35,39 @@ class ElboParts(NamedTuple):
         return -(self.distortion + self.rate)
 
 
-def elbo(model, x: torch.Tensor, beta: float = 1.0) -> ElboParts:
-    """ELBO parts for a batch x of shape (B, *input_shape), one sample of z each."""
+def elbo(model, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0) -> ElboParts:
+    """ELBO parts for a batch x of shape (B, *input_shape), one sample of z each.
+
+    beta weights the KL in the loss (β-VAE; Higgins et al. 2017). free_bits > 0 puts a floor of
+    that many nats under each latent dimension's KL in the loss (Kingma et al. 2016, eq. 15),
+    applied per example; the reported rate stays the true KL.
+    """
     q = model.encode(x)
     z = q.rsample()  # (B, D): z = μ + σ·ε, ε ~ N(0, I)
+    p = model.prior()
     distortion = -model.decode(z).log_prob(x)  # (B,)
-    rate = kl_divergence(q, model.prior())  # (B,), closed form
-    return ElboParts(distortion, rate, distortion + beta * rate)
+    rate = kl(q, p, z)  # (B,)
+    penalised = rate if free_bits <= 0 else kl_per_dim(q, p).clamp(min=free_bits).sum(-1)
+    return ElboParts(distortion, rate, distortion + beta * penalised)
+
+
+def kl_per_dim(q: Distribution, p: Distribution) -> torch.Tensor:
+    """Closed-form KL of each latent dimension, (B, D), for factorised q and p."""
+    if not (isinstance(q, Independent) and isinstance(p, Independent)):
+        raise ConfigError("free bits need a factorised q(z|x) and p(z), which this model does not have.")
+    return kl_divergence(q.base_dist, p.base_dist)
+
+
+def kl(q: Distribution, p: Distribution, z: torch.Tensor) -> torch.Tensor:
+    """KL(q ‖ p) in closed form where torch.distributions knows one, else log q(z) − log p(z) at z ~ q.
+
+    The fallback is the unbiased one-sample estimate; it serves models whose q or p has no
+    closed-form KL (two stochastic layers, vaekit.distributions.GaussianChain).
+    """
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        return q.log_prob(z) - p.log_prob(z)
 
 
 def log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor) -> torch.Tensor:
@@ -49,6 +77,26 @@ def log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor) -> tor
 
 def iwae_bound(model, x: torch.Tensor, k: int) -> torch.Tensor:
     """L_k per example, shape (B,): logsumexp_i log w_i − log k with z_i ~ q(z|x) reparameterized."""
+    return iwae(model, x, k).elbo_k
+
+
+class IwaeParts(NamedTuple):
+    """Per-example terms of the IWAE objective, each (B,), in nats."""
+
+    distortion: torch.Tensor  # −(1/k) Σ_i log p(x|z_i): the k samples' average reconstruction term
+    rate: torch.Tensor  # (1/k) Σ_i [log q(z_i|x) − log p(z_i)]: their average sampled KL
+    loss: torch.Tensor  # −L_k: what training minimises
+
+    @property
+    def elbo_k(self) -> torch.Tensor:
+        return -self.loss
+
+
+def iwae(model, x: torch.Tensor, k: int) -> IwaeParts:
+    """The IWAE objective with k samples; distortion + rate is the k-sample average ELBO (≥ −L_k)."""
     q = model.encode(x)
     z = q.rsample((k,))  # (k, B, D)
-    return torch.logsumexp(log_weights(model, x, q, z), dim=0) - math.log(k)
+    log_px_z = model.decode(z).log_prob(x)  # (k, B)
+    log_ratio = model.prior().log_prob(z) - q.log_prob(z)  # (k, B): log p(z) − log q(z|x)
+    bound = torch.logsumexp(log_px_z + log_ratio, dim=0) - math.log(k)
+    return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound)

@@ -4,39 +4,51 @@ A run directory holds
   config.json             the RunConfig (JSON, with format_version)
   model.safetensors       weights of the best epoch by validation ELBO
   last.safetensors        weights of the last finished epoch
-  state.safetensors       last weights, optimizer moments, RNG states and counters (for --resume)
+  state.safetensors       the last checkpoint (for --resume): weights, optimizer moments, RNG
+                          states and counters, plus the data order and running sums of an
+                          epoch checkpointed part-way
   metrics.jsonl           one JSON object per epoch
   summary.json            final numbers
   *.png, report.html      figures and the report
 Weights and tensors go in safetensors, everything else in JSON: loading a run
-never unpickles, so it cannot run code.
+never unpickles, so it cannot run code. Every file is written atomically (a temp
+file ".NAME.*.tmp" renamed over it), so a crash leaves the old file or the new
+one, never half of one; a killed process may leave a temp file, which is not data.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from vaekit import __version__
 from vaekit.config import FORMAT_VERSION, RunConfig
 from vaekit.errors import RunError
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"}
+# What a run holds before its first checkpoint (state.safetensors) is complete.
+EARLY_FILES = {"config.json", "metrics.jsonl", "model.safetensors", "last.safetensors"}
 
 
 # ----------------------------------------------------------------------------- atomic files
+TEMP_SUFFIX = ".tmp"  # temp files are ".NAME.<random>.tmp" beside NAME
+
+
 def atomic_write(path: Path, write) -> None:
     """Write via ``write(tmp_path)`` into a temp file beside ``path``, fsync, then rename over it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -45,6 +57,12 @@ def atomic_write(path: Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(d: Path) -> None:
@@ -58,6 +76,19 @@ def _fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def is_temp_file(path: Path) -> bool:
+    """True for the temp files of `atomic_write` (and of `create_run`), which never hold data."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def remove_temp_files(run: Path) -> None:
+    """Delete temp files a killed process left in ``run`` while writing (only ours: ".*.tmp")."""
+    for p in Path(run).iterdir() if Path(run).is_dir() else ():
+        if is_temp_file(p) and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -81,8 +112,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+    # Serialize in memory and write with Python: a full disk then raises OSError(ENOSPC),
+    # where safetensors' own file writer would raise its SafetensorError.
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    data = safetensors_bytes(tensors, metadata=meta)
+    atomic_write(path, lambda p: p.write_bytes(data))
 
 
 # ----------------------------------------------------------------------------- runs
@@ -101,6 +135,51 @@ def check_run_dir(run: Path) -> Path:
     if not (run / "config.json").is_file():
         raise RunError(f"{run} has no config.json, so it is not a vaekit run directory (or training never started).")
     return run
+
+
+def create_run(run: Path, cfg: RunConfig) -> Path | None:
+    """Create the run directory with its config.json in one step; return what to remove on failure.
+
+    A new directory is filled under a temp name and renamed into place, so a crash
+    leaves either no run or a run with its config. Returns the topmost directory
+    created here (``run`` or a new parent of it), or None if ``run`` already existed
+    (empty: `vaekit train` refuses a non-empty one).
+    """
+    run = Path(run)
+    created = None if run.is_dir() else run
+    while created is not None and not created.parent.exists():
+        created = created.parent
+    try:
+        if created is None:
+            save_config(run, cfg)
+            return None
+        run.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run.name}.", suffix=TEMP_SUFFIX, dir=run.parent))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual mode
+            save_config(tmp, cfg)
+            os.rename(tmp, run)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(run.parent)
+        return created
+    except OSError as e:
+        if created is not None:  # parents made before the failure
+            shutil.rmtree(created, ignore_errors=True)
+        raise RunError(f"cannot create the run directory {run}: {e.strerror or e}. "
+                       "Choose a writable place for --out.") from e
+
+
+def discard_run(run: Path, created: Path | None) -> None:
+    """Remove a run that failed before its first checkpoint: the directories `create_run`
+    made or, in a directory the user had, only the files training writes first."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for p in Path(run).iterdir() if Path(run).is_dir() else ():
+        if p.name in EARLY_FILES or (is_temp_file(p) and p.is_file()):
+            p.unlink(missing_ok=True)
 
 
 def load_config(run: Path) -> RunConfig:

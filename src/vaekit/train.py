@@ -9,6 +9,7 @@ progress bar is refreshed.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import time
@@ -80,31 +81,56 @@ def _rng_tensors(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return {"rng.torch": torch.get_rng_state(), "rng.data": gen.get_state()}
 
 
-def save_state(run: Path, model, opt, gen: torch.Generator, state: dict) -> None:
+def save_state(run: Path, model, opt, gen: torch.Generator, state: dict,
+               extra: dict[str, torch.Tensor] | None = None) -> None:
     """Everything needed to continue exactly, in ONE atomically written file.
 
     state.safetensors holds the weights, optimizer moments and RNG streams as tensors and
     the counters plus optimizer hyper-parameters as JSON in its metadata, so a crash can
-    never leave tensors and counters from different epochs.
+    never leave tensors and counters from different steps. ``extra`` holds the tensors of
+    an epoch checkpointed part-way (its data order and running sums).
     """
     tensors, opt_meta = runs.optimizer_tensors(opt)
     tensors.update(_rng_tensors(gen))
     tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
+    tensors.update(extra or {})
     meta = {"state": json.dumps(state), "optimizer": json.dumps(opt_meta)}
     runs.save_tensors(run / "state.safetensors", tensors, meta)
-    runs.save_weights(run / "last.safetensors", model)
 
 
-def load_state(run: Path, model, opt, gen: torch.Generator) -> dict:
+def load_state(run: Path, model, opt, gen: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model, optimizer and RNGs from state.safetensors; return (counters, epoch.* tensors)."""
     path = run / "state.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state, opt_meta = json.loads(meta["state"]), json.loads(meta["optimizer"])
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise RunError(f"{path} is not a readable checkpoint ({e}); the run cannot be resumed. "
+                       f"Train it again with a new --out.") from e
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt.load_state_dict(runs.optimizer_state_dict(tensors, json.loads(meta["optimizer"])))
+    opt.load_state_dict(runs.optimizer_state_dict(tensors, opt_meta))
     torch.set_rng_state(tensors["rng.torch"])
     gen.set_state(tensors["rng.data"])
-    return json.loads(meta["state"])
+    return state, {k: v for k, v in tensors.items() if k.startswith("epoch.")}
+
+
+def _write_or_explain(run: Path, saved: dict | None, what: str, write: Callable[[], None]) -> None:
+    """Run ``write``; turn an OSError (disk full, quota, I/O) into a RunError naming the last good checkpoint."""
+    try:
+        write()
+    except OSError as e:
+        cause = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        if saved is None:
+            last = "No checkpoint was saved before this one, so the run must start again"
+        else:
+            where = f"epoch {saved['epoch']}" if saved["index"] is None else \
+                f"epoch {saved['epoch'] + 1}, step {saved['index']} of it"
+            last = (f"The last good checkpoint ({where}) is intact in {run / 'state.safetensors'}; "
+                    f"continue from it with `vaekit train --out {run} --resume`")
+        raise RunError(f"could not write {what} into {run}: {cause}. {last} once there is room "
+                       "(free some disk space first).") from e
 
 
 def fit(
@@ -117,7 +143,12 @@ def fit(
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Train ``model`` as ``cfg.train`` says; checkpoint into ``run`` each epoch; return the metrics."""
+    """Train ``model`` as ``cfg.train`` says; checkpoint into ``run``; return the metrics.
+
+    A checkpoint is written at the end of every epoch and, if ``cfg.train.checkpoint_every``
+    is set, every that many steps. ``resume=True`` continues from the last one bitwise
+    exactly: same weights and same metrics (but for "seconds") as a run never stopped.
+    """
     tc = cfg.train
     device = next(model.parameters()).device
     data = train_set(splits.train, cfg.data, device)
@@ -127,34 +158,54 @@ def fit(
 
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, foreach=True)
     gen = torch.Generator().manual_seed(tc.seed)  # data order and binarization draws
-    state = {"epoch": 0, "step": 0, "best_epoch": None, "best_valid_nelbo": None, "skipped_steps": 0}
+    state = {"epoch": 0, "step": 0, "best_epoch": None, "best_valid_nelbo": None, "skipped_steps": 0,
+             "skipped_in_a_row": 0}
+    part: dict | None = None  # an epoch checkpointed part-way: where to pick it up
     metrics: list[dict] = []
+    if run is not None:
+        run.mkdir(parents=True, exist_ok=True)
+        runs.remove_temp_files(run)  # left by a process killed while writing
     if resume:
         if run is None or not (run / "state.safetensors").is_file():
-            raise RunError(f"nothing to resume in {run}: no epoch finished before it stopped; start it again.")
-        state = load_state(run, model, opt, gen)
-        # Drop metrics of an epoch that was logged but not checkpointed before a crash.
+            raise RunError(f"nothing to resume in {run}: it stopped before writing its first checkpoint "
+                           "(state.safetensors); train it again from the start.")
+        state, epoch_tensors = load_state(run, model, opt, gen)
+        state.setdefault("skipped_in_a_row", 0)
+        part = state.pop("part", None)
+        if part is not None:
+            if part["batch_size"] != tc.batch_size or len(epoch_tensors["epoch.order"]) != n:
+                raise RunError(
+                    f"{run} was checkpointed part-way through epoch {state['epoch'] + 1} with batch size "
+                    f"{part['batch_size']} on {len(epoch_tensors['epoch.order'])} training examples, but its "
+                    f"config and data now give batch size {tc.batch_size} on {n}; restore them to resume.")
+            part.update(order=epoch_tensors["epoch.order"].to(device), sums=epoch_tensors["epoch.sums"].to(device))
+        # Metrics of an epoch logged but not checkpointed before a crash are dropped; it is redone.
         metrics = [m for m in runs.read_jsonl(run / "metrics.jsonl") if m["epoch"] <= state["epoch"]]
         runs.write_text(run / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     else:
         torch.manual_seed(tc.seed)  # the reparameterization noise
+        if run is not None:  # a run restarted from scratch: its old metrics are void
+            (run / "metrics.jsonl").unlink(missing_ok=True)
+    # The last checkpoint on disk, for the message if writing the next one fails.
+    saved = None if not resume else {"epoch": state["epoch"], "index": part and part["index"]}
 
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
     )
-    if run is not None:
-        run.mkdir(parents=True, exist_ok=True)
-    skipped_in_a_row = 0
+    every = tc.checkpoint_every if run is not None else None
     model.train()
     for epoch in range(state["epoch"] + 1, tc.epochs + 1):
         t0 = time.perf_counter()
-        sums = torch.zeros(3, device=device)  # recon, kl, examples
-        skipped = 0
-        order = torch.randperm(n, generator=gen).to(device)
-        bar = tqdm(
-            total=steps_per_epoch, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress, leave=False, unit="step"
-        )
-        for i in range(steps_per_epoch):
+        if part is None:
+            order = torch.randperm(n, generator=gen).to(device)
+            sums = torch.zeros(3, device=device)  # recon, kl, examples
+            start, skipped, seconds = 0, 0, 0.0
+        else:  # continue the epoch where its checkpoint left it; the RNGs are already restored
+            order, sums, start, skipped, seconds = (part[k] for k in ("order", "sums", "index", "skipped", "seconds"))
+            part = None
+        bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress,
+                   leave=False, unit="step")
+        for i in range(start, steps_per_epoch):
             idx = order[i * tc.batch_size : (i + 1) * tc.batch_size]
             xb = data.x[idx].float().mul_(data.scale)  # (B, *shape) in [0, 1]
             if data.dynamic:
@@ -169,20 +220,29 @@ def fit(
             )
             # A non-finite loss or gradient skips the update (vdvae's training_step does the same).
             finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss + grad_norm)
-            if not finite:
+            if finite:
+                state["skipped_in_a_row"] = 0
+                opt.step()
+                sums += torch.stack(
+                    [parts.distortion.detach().sum(), parts.rate.detach().sum(), loss.new_tensor(len(xb))])
+            else:
                 skipped += 1
-                skipped_in_a_row += 1
-                if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                state["skipped_in_a_row"] += 1
+                if state["skipped_in_a_row"] >= MAX_CONSECUTIVE_SKIPS:
                     bar.close()
                     raise RunError(
-                        f"training diverged: {skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                        f"(epoch {epoch}). The last good checkpoint is intact; lower --lr or set a gradient clip."
-                    )
-                continue
-            skipped_in_a_row = 0
-            opt.step()
-            sums += torch.stack([parts.distortion.detach().sum(), parts.rate.detach().sum(), loss.new_tensor(len(xb))])
-            if (i + 1) % BAR_EVERY == 0 or i + 1 == steps_per_epoch:
+                        f"training diverged: {state['skipped_in_a_row']} steps in a row had a non-finite loss "
+                        f"or gradient (epoch {epoch}). The last good checkpoint is intact; lower --lr or set a "
+                        "gradient clip (--set train.grad_clip=1.0), then train again.")
+            if every is not None and (state["step"] + i + 1) % every == 0 and i + 1 < steps_per_epoch:
+                # Mid-epoch checkpoint: the epoch's order, step index and running sums join the
+                # usual state, so a resume replays the rest of this epoch exactly.
+                part_state = {**state, "part": {"index": i + 1, "skipped": skipped, "batch_size": tc.batch_size,
+                                                "seconds": seconds + time.perf_counter() - t0}}
+                _write_or_explain(run, saved, f"the checkpoint at epoch {epoch}, step {i + 1}", lambda: save_state(
+                    run, model, opt, gen, part_state, {"epoch.order": order, "epoch.sums": sums}))
+                saved = {"epoch": epoch - 1, "index": i + 1}
+            if progress and ((i + 1) % BAR_EVERY == 0 or i + 1 == steps_per_epoch):
                 r, k, m = sums.tolist()
                 bar.set_postfix(nelbo=f"{(r + k) / max(m, 1):.2f}", refresh=False)
                 bar.update((i + 1) - bar.n)
@@ -200,17 +260,24 @@ def fit(
             "train_kl": k / max(m, 1),
             **{f"valid_{key}": value for key, value in valid.items()},
             "skipped_steps": skipped,
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds + time.perf_counter() - t0,
         }
         improved = state["best_valid_nelbo"] is None or valid["nelbo"] < state["best_valid_nelbo"]
         if improved:
             state["best_valid_nelbo"], state["best_epoch"] = valid["nelbo"], epoch
         metrics.append(record)
         if run is not None:
-            if improved:
-                runs.save_weights(run / "model.safetensors", model)
-            runs.append_jsonl(run / "metrics.jsonl", record)
-            save_state(run, model, opt, gen, state)
+            # state.safetensors is written last: it is the commit point. A crash before it
+            # redoes this epoch on resume, which rewrites the other files with the same bytes.
+            def write_epoch():
+                if improved:
+                    runs.save_weights(run / "model.safetensors", model)
+                runs.save_weights(run / "last.safetensors", model)
+                runs.write_text(run / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+                save_state(run, model, opt, gen, state)
+
+            _write_or_explain(run, saved, f"the checkpoint of epoch {epoch}", write_epoch)
+            saved = {"epoch": epoch, "index": None}
         if on_epoch is not None:
             on_epoch(record)
     return metrics

@@ -11,9 +11,11 @@ from torch import nn
 
 from vaekit.config import ModelConfig
 from vaekit.errors import ConfigError
+from vaekit.models.conv import ConvVAE
 from vaekit.models.mlp import MLPVAE
+from vaekit.models.mlp2 import TwoLayerVAE
 
-REGISTRY: dict[str, type[nn.Module]] = {"mlp": MLPVAE}
+REGISTRY: dict[str, type[nn.Module]] = {"mlp": MLPVAE, "conv": ConvVAE, "mlp2": TwoLayerVAE}
 
 
 def build(cfg: ModelConfig, seed: int | None = None) -> nn.Module:

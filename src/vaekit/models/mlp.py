@@ -15,28 +15,10 @@ import math
 
 import torch
 from torch import nn
-from torch.distributions import Bernoulli, Distribution, Independent, Normal
+from torch.distributions import Distribution, Independent
 
 from vaekit.config import ModelConfig
-
-ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,
-    "elu": nn.ELU,
-    "softplus": nn.Softplus,
-    "leaky_relu": nn.LeakyReLU,
-    "gelu": nn.GELU,
-}
-
-
-def mlp(sizes: list[int], activation: str) -> nn.Sequential:
-    """Linear layers with `activation` between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
+from vaekit.models.common import Likelihood, diag_gaussian, mlp, standard_normal, xavier_
 
 
 class MLPVAE(nn.Module):
@@ -49,14 +31,8 @@ class MLPVAE(nn.Module):
         # The encoder's last layer outputs μ and log σ² side by side: (B, 2·D).
         self.encoder = mlp([d_x, *hidden, 2 * cfg.latent_dim], cfg.activation)
         self.decoder = mlp([cfg.latent_dim, *reversed(hidden), d_x], cfg.activation)
-        if cfg.likelihood == "gaussian" and cfg.learn_sigma:
-            self.log_sigma = nn.Parameter(torch.full(self.input_shape, math.log(cfg.sigma)))
-        else:
-            self.register_buffer("log_sigma", torch.full(self.input_shape, math.log(cfg.sigma)), persistent=False)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):  # Xavier/Glorot as in the TensorFlow tutorial
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.likelihood = Likelihood(cfg)
+        xavier_(self)
 
     @property
     def latent_dim(self) -> int:
@@ -64,22 +40,15 @@ class MLPVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Independent:
         """q(z|x) for x of shape (B, *input_shape): a diagonal Gaussian with batch shape (B,)."""
-        h = self.encoder(x.flatten(start_dim=-len(self.input_shape)))
-        mu, logvar = h.float().chunk(2, dim=-1)  # (B, D) each; float32 even under autocast
-        return Independent(Normal(mu, torch.exp(0.5 * logvar), validate_args=False), 1)
+        return diag_gaussian(self.encoder(x.flatten(start_dim=-len(self.input_shape))))
 
     def decode(self, z: torch.Tensor) -> Independent:
         """p(x|z) for z of shape (..., D): batch shape (...), event shape input_shape."""
-        out = self.decoder(z).float().unflatten(-1, self.input_shape)
-        n = len(self.input_shape)
-        if self.cfg.likelihood == "bernoulli":
-            return Independent(Bernoulli(logits=out, validate_args=False), n)
-        return Independent(Normal(out, torch.exp(self.log_sigma), validate_args=False), n)
+        return self.likelihood(self.decoder(z).unflatten(-1, self.input_shape))
 
     def prior(self) -> Independent:
         """p(z) = N(0, I) on the model's device."""
-        zero = self.decoder[0].weight.new_zeros(self.latent_dim, dtype=torch.float32)
-        return Independent(Normal(zero, torch.ones_like(zero), validate_args=False), 1)
+        return standard_normal(self.latent_dim, self.decoder[0].weight)
 
     def forward(self, x: torch.Tensor) -> tuple[Distribution, torch.Tensor, Distribution]:
         """One pass: q(z|x), a reparameterized z ~ q, and p(x|z)."""

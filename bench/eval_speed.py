@@ -1,0 +1,215 @@
+"""How fast is the importance-sampled log p(x) (vaekit.evaluate), against its limits?
+
+    python bench/eval_speed.py [--n-images N] [--k K] [--precision fp32|bf16|both] [--profile]
+
+Defaults: the 10k MNIST test images, k = 5000, both precisions, two models
+(784-400-20 ReLU as in pytorch/examples; 784-200-200-50 tanh as in IWAE),
+each trained for --train-epochs (default 1) by a plain Adam loop here, so that
+the fp32/bf16 nll comparison is made on a model that has learnt something.
+
+For each model and precision, from this one run:
+  seconds, images/s        evaluate.estimate_nll over the whole set
+  matmul limit             the same decoder matrix products alone: torch.addmm
+                           chains with the shapes and counts log_px uses, into
+                           preallocated outputs; no sampling, no log-probs.
+                           Timed on --limit-fraction of the chunks and scaled.
+  ratio                    seconds / limit
+  per-image loop           one image at a time, its own encoder pass for every
+                           chunk of 100 samples (as Pythae's get_nll does), timed
+                           on --loop-images images and scaled to the set.
+and fp32 vs bf16: seconds, speedup and the difference in mean nll (same seed,
+so the two see the same z-samples and differ only by precision).
+
+The machine's load average is printed beside the timings: on a shared machine
+other processes slow every number here, the limit included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections import Counter
+
+import torch
+from torch import nn
+
+from vaekit import evaluate as ev
+from vaekit.config import ModelConfig
+from vaekit.models import build
+from vaekit.objectives import elbo, log_weights
+
+MODELS = {
+    "784-400-20 relu": ModelConfig(latent_dim=20, hidden=(400,), activation="relu"),
+    "784-200-200-50 tanh": ModelConfig(latent_dim=50, hidden=(200, 200), activation="tanh"),
+}
+
+
+def load(n_test: int, fetch: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(test images binarized once with `seed`, training images in [0, 1], a line saying which)."""
+    g = torch.Generator().manual_seed(seed)
+    try:
+        from vaekit.data import binarize, load_mnist
+
+        test, train = load_mnist("test", fetch=fetch), load_mnist("train", fetch=fetch)
+        x_test = binarize(test.float()[:n_test], g)
+        return x_test, train.float(), f"MNIST test, first {len(x_test)} images, binarized once (seed {seed})"
+    except Exception as e:  # noqa: BLE001 - any failure means "no MNIST here": say so and go on
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        x_test = torch.bernoulli(torch.full((n_test, 1, 28, 28), 0.13), generator=g)
+        x_train = torch.rand(50_000, 1, 28, 28, generator=g) * 0.26
+        return x_test, x_train, (f"RANDOM binary images (p = 0.13), not MNIST ({why}); "
+                                 "timings are valid, nll values are not comparable to the literature")
+
+
+def train(model, x_train: torch.Tensor, epochs: int, batch_size: int = 100, seed: int = 0) -> float:
+    """Plain Adam on the ELBO with dynamic binarization; returns the last epoch's mean −ELBO."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    mean = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(len(x_train), generator=g)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            x = torch.bernoulli(x_train[order[start:start + batch_size]], generator=g)
+            loss = elbo(model, x).loss.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(x)
+        mean = total / len(order)
+    model.eval()
+    return mean
+
+
+def chunk_plan(n: int, k: int, shape: tuple[int, ...]) -> Counter:
+    """{rows per decoder call: number of calls} exactly as estimate_nll/log_px chunk the work."""
+    plan: Counter = Counter()
+    batch = ev.default_batch_size(k, shape)
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        cs = min(k, ev.default_chunk_size(b, shape))
+        plan[cs * b] += k // cs
+        if k % cs:
+            plan[(k % cs) * b] += 1
+    return plan
+
+
+def time_limit(model, plan: Counter, dtype: torch.dtype, fraction: float) -> float:
+    """Seconds for the decoder's addmm chain alone over `plan` (timed on `fraction` of the calls, scaled)."""
+    layers = [m for m in model.decoder if isinstance(m, nn.Linear)]
+    weights = [(m.weight.detach().to(dtype).t(), m.bias.detach().to(dtype)) for m in layers]
+    total = 0.0
+    for rows, count in plan.items():
+        h = [torch.randn(rows, layers[0].in_features).to(dtype)]
+        h += [torch.empty(rows, m.out_features, dtype=dtype) for m in layers]
+        reps = max(1, round(count * fraction))
+        for i, (w, b) in enumerate(weights):  # warm-up
+            torch.addmm(b, h[i], w, out=h[i + 1])
+        t = time.perf_counter()
+        for _ in range(reps):
+            for i, (w, b) in enumerate(weights):
+                torch.addmm(b, h[i], w, out=h[i + 1])
+        total += (time.perf_counter() - t) * count / reps
+    return total
+
+
+@torch.no_grad()
+def per_image_loop(model, x: torch.Tensor, k: int, chunk: int = 100) -> float:
+    """Seconds per image for the Pythae-style loop: one image at a time, encoder rerun per chunk."""
+    t = time.perf_counter()
+    for i in range(len(x)):
+        lw = []
+        for start in range(0, k, chunk):
+            x_rep = x[i:i + 1].expand(min(chunk, k - start), *x.shape[1:])
+            q = model.encode(x_rep)
+            lw.append(log_weights(model, x_rep, q, q.sample().unsqueeze(0)).squeeze(0))
+        (torch.logsumexp(torch.cat(lw), 0) - math.log(k)).item()
+    return (time.perf_counter() - t) / len(x)
+
+
+def profile(model, x: torch.Tensor, k: int, precision: str) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ev.log_px(model, x, min(k, 50), precision=precision)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        ev.log_px(model, x, k, precision=precision, seed=0)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=32))
+
+
+def load_avg() -> str:
+    return "load %.1f" % os.getloadavg()[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-images", type=int, default=10_000)
+    p.add_argument("--k", type=int, default=5000)
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    p.add_argument("--train-epochs", type=int, default=1, help="0 keeps the random initialisation")
+    p.add_argument("--limit-fraction", type=float, default=0.25)
+    p.add_argument("--loop-images", type=int, default=10)
+    p.add_argument("--fetch", action="store_true", help="download MNIST if it is not cached")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler tables for one batch")
+    args = p.parse_args()
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+
+    torch.manual_seed(0)
+    x_test, x_train, source = load(args.n_images, args.fetch)
+    n, shape = len(x_test), tuple(x_test.shape[1:])
+    plan = chunk_plan(n, args.k, shape)
+    batch = ev.default_batch_size(args.k, shape)
+    print(f"data: {source}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; k={args.k}, {n} images, batches of {batch}, "
+          f"chunks of {min(args.k, ev.default_chunk_size(batch, shape))} samples "
+          f"(rows per decoder call: {dict(plan)})")
+    results = {}
+    for name in args.models.split(","):
+        model = build(MODELS[name])
+        if args.train_epochs:
+            t = time.perf_counter()
+            loss = train(model, x_train, args.train_epochs)
+            state = f"trained {args.train_epochs} epoch(s) in {time.perf_counter() - t:.0f} s, last-epoch −ELBO {loss:.2f}"
+        else:
+            state = "random initialisation"
+        print(f"\n== {name} ({state})")
+        for prec in precisions:
+            la = load_avg()
+            t = time.perf_counter()
+            r = ev.estimate_nll(model, x_test, args.k, precision=prec, progress=False, seed=0)
+            secs = time.perf_counter() - t
+            limit = time_limit(model, plan, torch.float32 if prec == "fp32" else torch.bfloat16,
+                               args.limit_fraction)
+            results[name, prec] = (secs, r["nll"])
+            print(f"  {prec}: {secs:8.1f} s {n / secs:8.1f} img/s | matmul limit {limit:7.1f} s | "
+                  f"ratio {secs / limit:.2f}x | nll {r['nll']:.3f} ± {r['nll_stderr']:.3f} "
+                  f"| {la} → {load_avg()}", flush=True)
+        if len(precisions) == 2:
+            (s32, nll32), (s16, nll16) = results[name, "fp32"], results[name, "bf16"]
+            print(f"  bf16 vs fp32: {s32:.1f} s → {s16:.1f} s, speedup {s32 / s16:.2f}x, "
+                  f"nll(bf16) − nll(fp32) = {nll16 - nll32:+.4f} nats")
+        m = min(args.loop_images, n)
+        per = per_image_loop(model, x_test[:m], args.k)
+        ours = results.get((name, "fp32"), results[name, precisions[0]])[0]
+        print(f"  per-image loop (Pythae-style, encoder per 100-sample chunk, fp32): {per:.2f} s/img on "
+              f"{m} images → {per * n:.0f} s for {n}; ours is {per * n / ours:.1f}x faster | {load_avg()}")
+        if args.profile:
+            for prec in precisions:
+                print(f"  profile, {prec}, one batch of {batch} images, k={min(args.k, 1000)}:")
+                profile(model, x_test[:batch], min(args.k, 1000), prec)
+    if len(precisions) == 2:
+        print("\ntargets (issue 'Honest likelihood'): fp32 within 1.3x of the limit; bf16 >= 3x faster "
+              "with |nll(bf16) - nll(fp32)| <= 0.05 nats")
+        for name in args.models.split(","):
+            (s32, nll32), (s16, nll16) = results[name, "fp32"], results[name, "bf16"]
+            print(f"  {name}: speedup {s32 / s16:.2f}x ({'met' if s32 / s16 >= 3 else 'NOT met'}), "
+                  f"|Δnll| {abs(nll16 - nll32):.4f} ({'met' if abs(nll16 - nll32) <= 0.05 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Pieces every architecture shares: the Gaussian head of an encoder and the likelihood of a decoder."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributions import Bernoulli, Independent, Normal
+
+from vaekit.config import ModelConfig
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+}
+
+
+def mlp(sizes: list[int], activation: str, last_activation: bool = False) -> nn.Sequential:
+    """Linear layers with `activation` between them (and after the last if asked)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if last_activation or i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+def xavier_(module: nn.Module) -> None:
+    """Xavier/Glorot weights and zero biases, as in the TensorFlow VAE tutorial."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def diag_gaussian(h: torch.Tensor) -> Independent:
+    """(…, 2·D) network output = [μ, log σ²] -> diagonal Gaussian with batch shape (…)."""
+    mu, logvar = h.float().chunk(2, dim=-1)  # float32 even under autocast
+    return Independent(Normal(mu, torch.exp(0.5 * logvar), validate_args=False), 1)
+
+
+def standard_normal(d: int, like: torch.Tensor) -> Independent:
+    """N(0, I_d) on the device of `like`."""
+    zero = like.new_zeros(d, dtype=torch.float32)
+    return Independent(Normal(zero, torch.ones_like(zero), validate_args=False), 1)
+
+
+class Likelihood(nn.Module):
+    """p(x|·) from decoder outputs shaped like x: Bernoulli logits, or Gaussian means with fixed or learned σ."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.likelihood
+        self.n_event = len(cfg.input_shape)
+        log_sigma = torch.full(tuple(cfg.input_shape), math.log(cfg.sigma))
+        if cfg.likelihood == "gaussian" and cfg.learn_sigma:
+            self.log_sigma = nn.Parameter(log_sigma)  # one σ per data dimension
+        else:
+            self.register_buffer("log_sigma", log_sigma, persistent=False)
+
+    def forward(self, out: torch.Tensor) -> Independent:
+        out = out.float()
+        if self.kind == "bernoulli":
+            return Independent(Bernoulli(logits=out, validate_args=False), self.n_event)
+        return Independent(Normal(out, torch.exp(self.log_sigma), validate_args=False), self.n_event)

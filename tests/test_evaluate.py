@@ -1,0 +1,329 @@
+"""evaluate.py against exact math: a linear-Gaussian model has a closed-form log p(x).
+
+Model: p(z) = N(0, I_D), p(x|z) = N(Wz + b, σ²I). Then
+    p(x)     = N(x; b, WWᵀ + σ²I)
+    p(z|x)   = N(μ_post, Σ_post),  Σ_post = (I + WᵀW/σ²)⁻¹,  μ_post = Σ_post Wᵀ(x − b)/σ².
+With q = p(z|x) every importance weight equals p(x), so the estimate is exact for any k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+from vaekit import evaluate as ev
+from vaekit.config import ModelConfig
+from vaekit.errors import ConfigError
+from vaekit.models import build
+from vaekit.objectives import elbo, log_weights
+
+DT = torch.float64
+
+
+class LinearGaussian(nn.Module):
+    """encode/decode/prior like vaekit's models; encode returns the exact or a perturbed posterior.
+
+    q = "full":      the exact posterior as a full-covariance MultivariateNormal;
+    q = "diag":      the exact posterior as Independent(Normal) (exact only if W's columns are orthogonal);
+    q = "perturbed": Independent(Normal) with the mean shifted by `shift` posterior std and the std × `inflate`.
+    """
+
+    def __init__(self, W: torch.Tensor, b: torch.Tensor, sigma: float, q: str = "full",
+                 shift: float = 0.5, inflate: float = 1.5):
+        super().__init__()
+        self.W = nn.Parameter(W.to(DT))  # (Dx, D)
+        self.b = nn.Parameter(b.to(DT))  # (Dx,)
+        self.sigma, self.q, self.shift, self.inflate = sigma, q, shift, inflate
+        d = W.shape[1]
+        self.post_cov = torch.linalg.inv(torch.eye(d, dtype=DT) + self.W.T @ self.W / sigma**2).detach()
+
+    def encode(self, x):
+        mu = (x - self.b) @ self.W / self.sigma**2 @ self.post_cov  # (B, D); post_cov is symmetric
+        if self.q == "full":
+            return MultivariateNormal(mu, covariance_matrix=self.post_cov)
+        std = self.post_cov.diagonal().sqrt().expand_as(mu)
+        if self.q == "perturbed":
+            return Independent(Normal(mu + self.shift * std, self.inflate * std), 1)
+        return Independent(Normal(mu, std), 1)
+
+    def decode(self, z):
+        return Independent(Normal(z @ self.W.T + self.b, torch.full_like(self.b, self.sigma)), 1)
+
+    def prior(self):
+        eye = torch.eye(self.W.shape[1], dtype=DT)
+        if self.q == "full":  # torch has KL(MVN ‖ MVN) but not KL(MVN ‖ Independent)
+            return MultivariateNormal(eye[0] * 0, covariance_matrix=eye)
+        return Independent(Normal(eye[0] * 0, eye[0] * 0 + 1), 1)
+
+    def exact_log_px(self, x):
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(len(self.b), dtype=DT)
+        return MultivariateNormal(self.b, covariance_matrix=cov).log_prob(x)
+
+    def sample_x(self, n, generator=None):
+        z = torch.randn(n, self.W.shape[1], dtype=DT, generator=generator)
+        return self.decode(z).mean + self.sigma * torch.randn(n, len(self.b), dtype=DT, generator=generator)
+
+
+def linear_gaussian(d_x=5, d=3, sigma=0.7, q="full", orthogonal=False, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_x, d, dtype=DT, generator=g)
+    if orthogonal:  # orthogonal columns of different lengths: WᵀW diagonal, so p(z|x) is diagonal
+        W = torch.linalg.qr(W).Q * torch.linspace(0.5, 2.0, d, dtype=DT)
+    return LinearGaussian(W, torch.randn(d_x, dtype=DT, generator=g), sigma, q, **kw)
+
+
+def small_vae(latent_dim=4, likelihood="bernoulli", seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(latent_dim=latent_dim, hidden=(32,), activation="tanh",
+                      likelihood=likelihood, input_shape=(1, 6, 6))
+    return build(cfg)
+
+
+def binary_images(n, shape=(1, 6, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full((n, *shape), 0.3), generator=g)
+
+
+# ------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("q, orthogonal", [("full", False), ("diag", True)])
+@pytest.mark.parametrize("k", [1, 7, 5000])
+def test_exact_posterior_gives_exact_log_px(q, orthogonal, k):
+    model = linear_gaussian(q=q, orthogonal=orthogonal)
+    x = model.sample_x(6, torch.Generator().manual_seed(1))
+    est = ev.log_px(model, x, k, seed=0)
+    assert est.shape == (6,)
+    torch.testing.assert_close(est, model.exact_log_px(x).detach(), atol=1e-4, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(1, 4), extra=st.integers(0, 3), sigma=st.floats(0.1, 3.0),
+       seed=st.integers(0, 2**16), k=st.integers(1, 20))
+def test_exact_posterior_identity_random_models(d, extra, sigma, seed, k):
+    model = linear_gaussian(d_x=d + extra, d=d, sigma=sigma, q="full", seed=seed)
+    x = model.sample_x(3, torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(ev.log_px(model, x, k, seed=seed), model.exact_log_px(x).detach(),
+                               atol=1e-4, rtol=0)
+
+
+def test_error_shrinks_with_k_and_k5000_is_unbiased():
+    model = linear_gaussian(q="perturbed", shift=0.5, inflate=1.5)
+    x = model.sample_x(300, torch.Generator().manual_seed(2))
+    exact = model.exact_log_px(x).detach()
+    gaps = []  # exact − estimate: ≥ 0 in expectation (Jensen), shrinking with k
+    for k in (1, 10, 100, 1000):
+        gap = exact - ev.log_px(model, x, k, seed=k)
+        gaps.append((gap.mean().item(), gap.std().item() / math.sqrt(len(gap))))
+    for (g_small, se_small), (g_big, se_big) in zip(gaps, gaps[1:]):
+        assert g_big < g_small + 3 * math.hypot(se_small, se_big), gaps
+    assert gaps[0][0] > 10 * gaps[0][1] > 0  # k = 1 is clearly biased: the test has power
+    gap = exact - ev.log_px(model, x, 5000, seed=5000)
+    assert abs(gap.mean().item()) < 3 * gap.std().item() / math.sqrt(len(gap)) + 1e-6
+
+
+def test_lk_non_decreasing_and_l1_matches_elbo():
+    model = small_vae()
+    x = binary_images(2000)
+    means = []
+    for k in (1, 4, 16, 64):
+        lk = ev.log_px(model, x, k, seed=k)
+        means.append((lk.mean().item(), lk.std().item() / math.sqrt(len(lk))))
+    for (m_small, se_small), (m_big, se_big) in zip(means, means[1:]):
+        assert m_big > m_small - 3 * math.hypot(se_small, se_big), means
+    assert means[-1][0] > means[0][0] + 3 * math.hypot(means[0][1], means[-1][1]), means
+    with torch.no_grad():
+        e = elbo(model, x).elbo
+    se = math.hypot(means[0][1], e.std().item() / math.sqrt(len(e)))
+    assert abs(means[0][0] - e.mean().item()) < 4 * se, (means[0], e.mean().item(), se)
+
+
+# ------------------------------------------------------------ fast path, chunks, seeds
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fast_bernoulli_path_equals_generic_log_weights(bf16):
+    model = small_vae()
+    x = binary_images(5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        q = model.encode(x)
+        z = q.sample((7,))
+        fast = ev._BinaryBernoulli(x, bf16=bf16)
+        lw = ev._log_weights(model, x, q, z, fast)
+        generic = log_weights(model, x, q, z)
+        assert lw.shape == (7, 5)
+        assert (fast.table is not None) == bf16  # bf16: the logits are bf16 values, the table is used
+        torch.testing.assert_close(lw, generic, atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(ev._log_weights(model, x, q, z, None), generic)
+
+
+def test_bf16_table_falls_back_when_logits_are_not_bf16_values():
+    model = small_vae()
+    x = binary_images(5)
+    with torch.no_grad():  # no autocast: float32 logits
+        q = model.encode(x)
+        z = q.sample((3,))
+        fast = ev._BinaryBernoulli(x, bf16=True)
+        lw = ev._log_weights(model, x, q, z, fast)
+        assert fast.table is None
+        torch.testing.assert_close(lw, log_weights(model, x, q, z), atol=1e-4, rtol=1e-6)
+
+
+def test_non_binary_x_takes_the_generic_path():
+    model = small_vae()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 6, 6, generator=g)
+    est = ev.log_px(model, x, 3, seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            q = model.encode(x)
+            ref = torch.logsumexp(log_weights(model, x, q, q.sample((3,))), 0) - math.log(3)
+    torch.testing.assert_close(est, ref)
+
+
+@pytest.mark.parametrize("which", ["mlp", "linear"])
+def test_chunking_does_not_change_the_result(which):
+    if which == "mlp":
+        model, x = small_vae(), binary_images(5)
+    else:
+        model = linear_gaussian(q="perturbed")
+        x = model.sample_x(5, torch.Generator().manual_seed(3))
+    one = ev.log_px(model, x, 50, chunk_size=50, seed=0)
+    for chunk in (7, 1, None):
+        torch.testing.assert_close(ev.log_px(model, x, 50, chunk_size=chunk, seed=0), one,
+                                   atol=1e-5, rtol=0)
+
+
+def test_big_k_draws_in_several_rng_blocks(monkeypatch):
+    monkeypatch.setattr(ev, "_RNG_BLOCK", 100)  # 100 numbers per RNG call: 5 samples of (B=5, D=4)
+    model, x = small_vae(), binary_images(5)
+    a = ev.log_px(model, x, 23, chunk_size=23, seed=0)
+    torch.testing.assert_close(ev.log_px(model, x, 23, chunk_size=3, seed=0), a, atol=1e-5, rtol=0)
+
+
+def test_same_seed_identical_other_seed_close_and_global_rng_untouched():
+    model, x = small_vae(), binary_images(200)
+    state = torch.get_rng_state()
+    a = ev.log_px(model, x, 20, seed=0)
+    b = ev.log_px(model, x, 20, seed=0)
+    c = ev.log_px(model, x, 20, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b)
+    d = a - c
+    assert d.abs().max() > 0
+    assert abs(d.mean().item()) < 4 * d.std().item() / math.sqrt(len(d))
+
+
+def test_estimate_nll_batches_and_seed():
+    model, x = small_vae(), binary_images(23)
+    r1 = ev.estimate_nll(model, x, 10, batch_size=5, progress=False, seed=0)
+    r2 = ev.estimate_nll(model, x, 10, batch_size=5, progress=False, seed=0)
+    assert r1 == r2
+    assert r1["n_images"] == 23 and r1["k"] == 10 and r1["precision"] == "fp32"
+    assert r1["estimator"] == ev.ESTIMATOR
+    assert r1["nll"] > 0 and r1["nll_stderr"] > 0
+    full = ev.estimate_nll(model, x, 10, batch_size=23, progress=False, seed=0)
+    assert abs(full["nll"] - r1["nll"]) < 4 * r1["nll_stderr"]
+
+
+def test_uint8_images_are_read_as_value_over_255():
+    model, x = small_vae(), binary_images(7)
+    a = ev.estimate_nll(model, x, 5, progress=False)
+    b = ev.estimate_nll(model, (x * 255).to(torch.uint8), 5, progress=False)
+    assert a == b
+
+
+def test_bf16_close_to_fp32():
+    model, x = small_vae(), binary_images(50)
+    fp32 = ev.log_px(model, x, 100, seed=0)
+    bf16 = ev.log_px(model, x, 100, precision="bf16", seed=0)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert abs((bf16 - fp32).mean().item()) < 0.05
+    assert (bf16 - fp32).abs().max().item() < 0.5
+
+
+def test_gaussian_likelihood_model_runs():
+    model = small_vae(likelihood="gaussian")
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    est = ev.log_px(model, x, 10, chunk_size=3, seed=0)
+    assert est.shape == (4,) and torch.isfinite(est).all()
+
+
+def test_bad_arguments_name_the_problem():
+    model, x = small_vae(), binary_images(2)
+    with pytest.raises(ConfigError, match="precision"):
+        ev.log_px(model, x, 5, precision="fp16")
+    with pytest.raises(ConfigError, match="k "):
+        ev.log_px(model, x, 0)
+    with pytest.raises(ConfigError, match="chunk_size"):
+        ev.log_px(model, x, 5, chunk_size=0)
+
+
+def test_training_mode_is_restored():
+    model, x = small_vae(), binary_images(3)
+    model.train()
+    ev.log_px(model, x, 2)
+    assert model.training
+
+
+# ------------------------------------------------------------ elbo terms, active units, bits
+
+
+def test_elbo_terms_consistent_and_repeatable():
+    model, x = small_vae(), binary_images(300)
+    state = torch.get_rng_state()
+    a = ev.elbo_terms(model, x, batch_size=64, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a == ev.elbo_terms(model, x, batch_size=64, seed=3)
+    assert a["nelbo"] == pytest.approx(a["recon"] + a["kl"], rel=1e-6)
+    assert len(a["kl_per_dim"]) == 4 and all(v >= 0 for v in a["kl_per_dim"])
+    assert sum(a["kl_per_dim"]) == pytest.approx(a["kl"], rel=1e-6)
+    b = ev.elbo_terms(model, x, batch_size=64, seed=4)
+    assert b["kl"] == pytest.approx(a["kl"], rel=1e-9)  # closed form: no sampling
+    assert b["recon"] != a["recon"]
+
+
+def test_elbo_terms_full_covariance_q_has_no_per_dim_kl():
+    model = linear_gaussian(q="full")
+    x = model.sample_x(10)
+    out = ev.elbo_terms(model, x)
+    assert out["kl_per_dim"] is None and out["kl"] > 0
+
+
+def test_active_units_counts_the_dims_that_depend_on_x():
+    model = small_vae(latent_dim=6)
+    dead = [1, 4]
+    with torch.no_grad():
+        last = model.encoder[-1]  # outputs (μ, log σ²): rows 0..D-1 are μ
+        last.weight[:6] *= 10  # live dims: clearly above the threshold
+        last.weight[dead] = 0
+        last.bias[dead] = 0.3  # constant μ, not necessarily zero
+    count, var = ev.active_units(model, binary_images(500), batch_size=128)
+    assert count == 4
+    assert var.shape == (6,)
+    assert torch.all(var[dead] < 1e-12)
+    assert torch.all(var[[0, 2, 3, 5]] > 0.01)
+
+
+def test_bits_per_dim():
+    assert ev.bits_per_dim(784 * math.log(2), 784) == pytest.approx(1.0)
+    assert ev.bits_per_dim(88.0, 784) == pytest.approx(88.0 / 784 / math.log(2))
+
+
+def test_evaluate_names_everything():
+    model, x = small_vae(), binary_images(40)
+    out = ev.evaluate(model, x, k=8, batch_size=16, progress=False)
+    for key in ("nll", "nll_stderr", "nelbo", "recon", "kl", "bits_per_dim", "active_units",
+                "kl_per_dim", "k", "n_images", "precision", "estimator"):
+        assert key in out, key
+    assert out["k"] == 8 and out["n_images"] == 40 and out["precision"] == "fp32"
+    assert out["estimator"] == "importance sampling, proposal q(z|x)"
+    assert out["bits_per_dim"] == pytest.approx(out["nll"] / (36 * math.log(2)))
+    assert out["nll"] <= out["nelbo"] + 3 * out["nelbo_stderr"]
