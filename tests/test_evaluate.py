@@ -41,7 +41,8 @@ class LinearGaussian(nn.Module):
         self.b = nn.Parameter(b.to(DT))  # (Dx,)
         self.sigma, self.q, self.shift, self.inflate = sigma, q, shift, inflate
         d = W.shape[1]
-        self.post_cov = torch.linalg.inv(torch.eye(d, dtype=DT) + self.W.T @ self.W / sigma**2).detach()
+        with torch.no_grad():
+            self.register_buffer("post_cov", torch.linalg.inv(torch.eye(d, dtype=DT) + self.W.T @ self.W / sigma**2))
 
     def encode(self, x):
         mu = (x - self.b) @ self.W / self.sigma**2 @ self.post_cov  # (B, D); post_cov is symmetric
@@ -56,13 +57,13 @@ class LinearGaussian(nn.Module):
         return Independent(Normal(z @ self.W.T + self.b, torch.full_like(self.b, self.sigma)), 1)
 
     def prior(self):
-        eye = torch.eye(self.W.shape[1], dtype=DT)
+        eye = torch.eye(self.W.shape[1], dtype=DT, device=self.W.device)
         if self.q == "full":  # torch has KL(MVN ‖ MVN) but not KL(MVN ‖ Independent)
             return MultivariateNormal(eye[0] * 0, covariance_matrix=eye)
         return Independent(Normal(eye[0] * 0, eye[0] * 0 + 1), 1)
 
     def exact_log_px(self, x):
-        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(len(self.b), dtype=DT)
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(len(self.b), dtype=DT, device=self.W.device)
         return MultivariateNormal(self.b, covariance_matrix=cov).log_prob(x)
 
     def sample_x(self, n, generator=None):
@@ -188,17 +189,17 @@ def test_non_binary_x_takes_the_generic_path():
     torch.testing.assert_close(est, ref)
 
 
-@pytest.mark.parametrize("which", ["mlp", "linear"])
-def test_chunking_does_not_change_the_result(which):
+@pytest.mark.parametrize("which, precision", [("mlp", "fp32"), ("mlp", "bf16"), ("linear", "fp32")])
+def test_chunking_does_not_change_the_result(which, precision):
     if which == "mlp":
         model, x = small_vae(), binary_images(5)
     else:
         model = linear_gaussian(q="perturbed")
         x = model.sample_x(5, torch.Generator().manual_seed(3))
-    one = ev.log_px(model, x, 50, chunk_size=50, seed=0)
-    for chunk in (7, 1, None):
-        torch.testing.assert_close(ev.log_px(model, x, 50, chunk_size=chunk, seed=0), one,
-                                   atol=1e-5, rtol=0)
+    one = ev.log_px(model, x, 50, chunk_size=50, seed=0, precision=precision)
+    for chunk in (7, 1, None):  # 7: the last chunk is smaller than the others
+        torch.testing.assert_close(ev.log_px(model, x, 50, chunk_size=chunk, seed=0, precision=precision),
+                                   one, atol=1e-5, rtol=0)
 
 
 def test_big_k_draws_in_several_rng_blocks(monkeypatch):
@@ -264,6 +265,20 @@ def test_bad_arguments_name_the_problem():
         ev.log_px(model, x, 0)
     with pytest.raises(ConfigError, match="chunk_size"):
         ev.log_px(model, x, 5, chunk_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_runs_on_the_models_device(precision):
+    model = linear_gaussian(q="full")
+    x = model.sample_x(6).cuda()
+    model = model.cuda()
+    est = ev.log_px(model, x, 50, seed=0, precision=precision)
+    assert est.device.type == "cuda"
+    torch.testing.assert_close(est, model.exact_log_px(x).detach(), atol=1e-2, rtol=0)
+    vae = small_vae().cuda()
+    out = ev.evaluate(vae, binary_images(20), k=10, precision=precision, progress=False)
+    assert math.isfinite(out["nll"])
 
 
 def test_training_mode_is_restored():

@@ -13,6 +13,7 @@ TINY = {
     "mlp": dict(hidden=(16,), latent_dim=3),
     "conv": dict(hidden=(8,), channels=(4, 6), latent_dim=3),
     "mlp2": dict(hidden=(16,), hidden2=(8,), latent1_dim=4, latent_dim=2, activation="tanh"),
+    "poor-man": dict(hidden=(16,), latent_dim=3, likelihood="gaussian", sigma=0.5),
 }
 SHAPE = (1, 9, 7)  # odd sizes on purpose: nothing may assume 28×28
 

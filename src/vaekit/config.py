@@ -25,7 +25,7 @@ Precision = Literal["fp32", "bf16"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["mlp", "conv", "mlp2"] = "mlp"
+    arch: Literal["mlp", "conv", "mlp2", "poor-man"] = "mlp"
     latent_dim: int = 20  # size of z; for "mlp2" the top layer z2
     hidden: tuple[int, ...] = (400,)  # encoder widths (after the convolutions for "conv"); the decoder mirrors them
     channels: tuple[int, ...] = (32, 64)  # "conv": stride-2 3×3 convolutions, one per entry
@@ -75,13 +75,13 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
-    beta: float = 1.0  # weight of the KL term (β-VAE); 1 is the ELBO
+    beta: float = 1.0  # weight of the rate term: the KL (β-VAE; 1 is the ELBO), or λ of norm-penalty
     seed: int = 0
     eval_batch_size: int = 1000
     precision: Precision = "fp32"
     grad_clip: float | None = None
     checkpoint_every: int | None = None  # also checkpoint every N steps, not only at epoch ends
-    objective: Literal["elbo", "iwae"] = "elbo"
+    objective: Literal["elbo", "iwae", "norm-penalty"] = "elbo"  # norm-penalty: the poor man's VAE loss
     k: int = 1  # importance samples per example for objective "iwae" (Burda et al. 2015)
     warmup_steps: int = 0  # β rises linearly from 0 over this many steps (KL warm-up)
     free_bits: float = 0.0  # nats: a floor on each latent dimension's KL in the loss (Kingma et al. 2016)
@@ -249,6 +249,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"arch": "conv", "channels": [32, 64], "hidden": [16], "latent_dim": 2, "activation": "relu"},
         "train": {"batch_size": 128, "lr": 1e-3, "epochs": 30},
     },
+    # The "poor man's VAE": deterministic code + fixed unit noise, λ‖z‖ instead of the KL, MSE.
+    "poor-man": {
+        "model": {"arch": "poor-man", "hidden": [400], "latent_dim": 20, "likelihood": "gaussian", "sigma": 0.1},
+        "data": {"binarize": "none"},
+        "train": {"objective": "norm-penalty", "beta": 1.0, "batch_size": 128, "lr": 1e-3, "epochs": 10},
+    },
     # Higgins et al. 2017 (β-VAE): the ELBO's KL weighted by β > 1 for a more disentangled code.
     "beta-vae": {
         "model": {"hidden": [400], "latent_dim": 10, "activation": "relu"},
@@ -262,6 +268,7 @@ PRESET_SOURCES: dict[str, str] = {
     "iwae-1l": "Burda et al. 2015, Importance Weighted Autoencoders, 1 stochastic layer (784-200-200-50, tanh)",
     "iwae-2l": "Burda et al. 2015, 2 stochastic layers (784-200-200-100-100-100-50, tanh)",
     "conv": "Keras VAE example, convolutional version (Conv 32, Conv 64, stride 2; dense 16)",
+    "poor-man": "the poor man's VAE tutorial: fixed unit noise on a deterministic code, norm penalty, MSE (not an ELBO)",
     "beta-vae": "Higgins et al. 2017, beta-VAE (beta = 4 on a 784-400-10 MLP)",
 }
 

@@ -4,8 +4,9 @@ nll          −log p(x) in nats, estimated by importance sampling with q(z|x) a
              proposal (Burda et al. 2015, eq. 8 with k samples; the IWAE bound L_k):
                  log p̂(x) = logsumexp_i [log p(x|z_i) + log p(z_i) − log q(z_i|x)] − log k,
                  z_i ~ q(z|x).
-             E[log p̂(x)] ≤ log p(x) and the gap closes as k grows; k = 5000 is the
-             usual protocol. A lower bound on log p, so reported nll is an upper bound.
+             E[log p̂(x)] ≤ log p(x) (Jensen) and the gap closes as k grows; k = 5000
+             is the usual protocol. So the reported nll is, in expectation, an upper
+             bound on the true −log p(x).
 nelbo        −ELBO with one z-sample and the closed-form KL (objectives.elbo).
 bits/dim     nll / (n_dims · ln 2).
 active units Burda et al. 2015, §5.2: dim j is active if Cov_x(E_q[z_j]) > 0.01.
@@ -31,10 +32,12 @@ from vaekit.objectives import elbo
 ESTIMATOR = "importance sampling, proposal q(z|x)"
 PRECISIONS = ("fp32", "bf16")
 
-# Decoder output (float32) held at once by log_px. Measured on a 2-core CPU
-# with a 32 MiB L3, both MLP models, fp32 and bf16: 2-8 MiB chunks run at the
-# same speed; 16 MiB and more are 1.4-2x slower (the logits and their
-# temporaries no longer stay in cache); 1 MiB starts to pay per-call overhead.
+# Decoder output (float32) held at once by log_px. Measured (bench/eval_speed.py
+# and one-thread CPU time on a 2-core CPU with a 32 MiB L3; both MLP models,
+# fp32 and bf16): 1-8 MiB chunks run at the same speed; 16 MiB is up to 1.2x and
+# 32 MiB up to 1.5x slower, as the logits and their temporaries leave the cache
+# and glibc starts returning the freed blocks to the kernel (a page fault per
+# 4 KiB on the next allocation).
 CHUNK_BYTES = 4 * 2**20
 # Random numbers drawn per RNG call. The calls (and so the samples) depend on
 # k, the batch and this constant, never on chunk_size, so chunking cannot
@@ -115,10 +118,13 @@ def _draws(q: Distribution, k: int, chunk_size: int):
 class _BinaryBernoulli:
     """log p(x|z) for binary x under a Bernoulli decoder, faster than Bernoulli.log_prob.
 
-    log Bernoulli(x; logit l) = x·l − softplus(l) = −softplus(s·l) with s = 1 − 2x:
-    a multiply and a softplus over the (n, B, *shape) logits, where
-    Bernoulli.log_prob (binary_cross_entropy_with_logits after broadcasting x)
-    makes about four passes.
+    log Bernoulli(x; logit l) = x·l − softplus(l) = −softplus(s·l) with s = 1 − 2x,
+    one multiply and one softplus (as logaddexp(·, 0)) over the (n, B, *shape)
+    logits, where Bernoulli.log_prob (binary_cross_entropy_with_logits after
+    broadcasting x) makes about four passes. Both write into buffers kept from
+    chunk to chunk: on CPU a fresh multi-MiB tensor costs a page fault per 4 KiB
+    (glibc hands freed large blocks back to the kernel), which measured as much
+    as the arithmetic itself.
 
     bf16: the decoder's last matmul rounds the logits to bfloat16 (the model
     then casts them to float32), so each logit is one of 2^16 values and
@@ -135,14 +141,23 @@ class _BinaryBernoulli:
         self.sign = 1 - 2 * x  # (B, *shape)
         self.table = self.offset = None
         self.checked = False
+        self.buf: torch.Tensor | None = None  # (chunk, B, *shape) float32 scratch
+        self.idx: torch.Tensor | None = None  # (chunk, B, *shape) int32 scratch, bf16 only
         if bf16:
             v = torch.arange(-32768, 32768, dtype=torch.int32, device=x.device)
             v = v.to(torch.int16).view(torch.bfloat16).float()  # every bf16 value, by signed bit pattern
             self.table = torch.cat([F.softplus(v), F.softplus(-v)])  # (131072,)
             self.offset = (32768 + 65536 * x).to(torch.int32)  # (B, *shape)
 
+    def _scratch(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buf = getattr(self, name)
+        if buf is None or buf.shape[1:] != like.shape[1:] or len(buf) < len(like) or buf.dtype != dtype:
+            buf = torch.empty(like.shape, dtype=dtype, device=like.device)
+            setattr(self, name, buf)
+        return buf[:len(like)]
+
     def __call__(self, p_x: Distribution) -> torch.Tensor | None:
-        """(n, B) log-likelihoods, or None if p_x is not a Bernoulli with an event over x's dims."""
+        """(n, B) log-likelihoods, or None if p_x is not an Independent Bernoulli."""
         if not (isinstance(p_x, Independent) and isinstance(p_x.base_dist, Bernoulli)):
             return None
         logits, dims = p_x.base_dist.logits, p_x.reinterpreted_batch_ndims
@@ -153,11 +168,15 @@ class _BinaryBernoulli:
                 if (bits & 0xFFFF).any():  # not bf16 values: the softplus form below
                     self.table = None
             if self.table is not None:
-                idx = bits >> 16  # signed bf16 bit pattern, −32768..32767
-                idx += self.offset
-                return -self.table.index_select(0, idx.flatten()).view(idx.shape).flatten(-dims).sum(-1)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return -F.softplus(logits * self.sign).flatten(-dims).sum(-1)
+                idx = torch.bitwise_right_shift(bits, 16, out=self._scratch("idx", bits, torch.int32))
+                idx += self.offset  # index into the table, (n, B, *shape)
+                val = self._scratch("buf", logits, torch.float32)
+                torch.index_select(self.table, 0, idx.view(-1), out=val.view(-1))
+                return -val.flatten(-dims).sum(-1)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        y = torch.mul(logits, self.sign, out=self._scratch("buf", logits, dtype))
+        torch.logaddexp(y, y.new_zeros(()), out=y)  # softplus(y) = log(e^y + e^0)
+        return -y.flatten(-dims).sum(-1)
 
 
 def _log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,

@@ -100,3 +100,16 @@ def iwae(model, x: torch.Tensor, k: int) -> IwaeParts:
     log_ratio = model.prior().log_prob(z) - q.log_prob(z)  # (k, B): log p(z) − log q(z|x)
     bound = torch.logsumexp(log_px_z + log_ratio, dim=0) - math.log(k)
     return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound)
+
+
+def norm_penalty(model, x: torch.Tensor, lam: float = 1.0) -> ElboParts:
+    """The poor man's VAE loss (vaekit.models.poorman): ‖x − x̂‖² + λ·‖z‖, with z = f(x) + ε.
+
+    NOT an ELBO: `distortion` is the summed squared error and `rate` the code's Euclidean
+    norm, neither in nats.
+    """
+    z = model.encode(x).rsample()  # (B, D)
+    x_hat = model.decode(z).mean
+    distortion = (x - x_hat).pow(2).flatten(1).sum(-1)
+    rate = z.norm(dim=-1)
+    return ElboParts(distortion, rate, distortion + lam * rate)

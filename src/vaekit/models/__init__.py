@@ -14,8 +14,9 @@ from vaekit.errors import ConfigError
 from vaekit.models.conv import ConvVAE
 from vaekit.models.mlp import MLPVAE
 from vaekit.models.mlp2 import TwoLayerVAE
+from vaekit.models.poorman import PoorMansVAE
 
-REGISTRY: dict[str, type[nn.Module]] = {"mlp": MLPVAE, "conv": ConvVAE, "mlp2": TwoLayerVAE}
+REGISTRY: dict[str, type[nn.Module]] = {"mlp": MLPVAE, "conv": ConvVAE, "mlp2": TwoLayerVAE, "poor-man": PoorMansVAE}
 
 
 def build(cfg: ModelConfig, seed: int | None = None) -> nn.Module:
