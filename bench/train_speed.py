@@ -123,16 +123,30 @@ def valid_set(cfg, splits) -> torch.Tensor:
     return eval_set(splits.valid, cfg.data)
 
 
-def timed_validation(model, cfg, x_valid) -> tuple[float, float]:
-    """(seconds of one elbo_means pass over x_valid, valid ELBO): fit's per-epoch validation."""
+class Clock:
+    """Wall and process-CPU seconds. With one thread, CPU seconds hardly change when other
+    processes compete for the cores (wall seconds do); with two, spinning threads inflate them."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+        return out
+
+
+def timed_validation(model, cfg, x_valid) -> tuple[float, float, float]:
+    """(wall s, CPU s, valid ELBO) of one elbo_means pass over x_valid: fit's per-epoch validation."""
     from vaekit.train import elbo_means
 
-    best = math.inf
+    best = (math.inf, math.inf)
     for _ in range(N_VALID_TIMINGS):
-        t = time.perf_counter()
+        clock = Clock()
         out = elbo_means(model, x_valid, cfg.train.eval_batch_size, seed=cfg.train.seed)
-        best = min(best, time.perf_counter() - t)
-    return best, -out["nelbo"]
+        best = min(best, clock.lap())
+    return best[0], best[1], -out["nelbo"]
 
 
 # ---------------------------------------------------------------- the limit
@@ -157,8 +171,8 @@ def matmul_flops(cfg, n: int) -> float:
                for bs in batch_sizes(n, cfg.train.batch_size) for k, (i, o) in enumerate(layer_shapes(cfg)))
 
 
-def time_limit(cfg, n: int, dtype: torch.dtype, reps: int = 2) -> float:
-    """Seconds for one epoch of bare addmm/mm with the training step's shapes (best of reps)."""
+def time_limit(cfg, n: int, dtype: torch.dtype, reps: int = 2) -> tuple[float, float]:
+    """(wall, CPU) seconds for one epoch of bare addmm/mm with the training step's shapes (best of reps)."""
     layers = layer_shapes(cfg)
     sizes = batch_sizes(n, cfg.train.batch_size)
     w = [torch.randn(o, i).mul_(i ** -0.5).to(dtype) for i, o in layers]
@@ -168,9 +182,9 @@ def time_limit(cfg, n: int, dtype: torch.dtype, reps: int = 2) -> float:
     for bs in set(sizes):
         per[bs] = ([torch.rand(bs, i).to(dtype) for i, _ in layers], [torch.randn(bs, o).to(dtype) for _, o in layers],
                    [torch.empty(bs, o, dtype=dtype) for _, o in layers], [torch.empty(bs, i, dtype=dtype) for i, _ in layers])
-    best = math.inf
+    best = (math.inf, math.inf)
     for _ in range(reps):
-        t = time.perf_counter()
+        clock = Clock()
         for bs in sizes:
             x, g, y, gx = per[bs]
             for k in range(len(layers)):  # forward: y = b + x Wᵀ
@@ -179,7 +193,7 @@ def time_limit(cfg, n: int, dtype: torch.dtype, reps: int = 2) -> float:
                 torch.mm(g[k].t(), x[k], out=grad_w[k])
                 if k > 0:
                     torch.mm(g[k], w[k], out=gx[k])
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock.lap())
     return best
 
 
@@ -256,9 +270,9 @@ def row_plain(cfg, splits, x_valid, args) -> dict:
     data = torch.utils.data.TensorDataset(splits.train.float())  # float32 in [0, 1], like ToTensor()
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True)
     log = []
-    seconds = []
+    laps = []
     for epoch in range(1, cfg.train.epochs + 1):
-        t = time.perf_counter()
+        clock = Clock()
         model.train()
         train_loss = 0
         for batch_idx, (x,) in enumerate(loader):
@@ -271,9 +285,9 @@ def row_plain(cfg, splits, x_valid, args) -> dict:
             optimizer.step()
             if batch_idx % 10 == 0:  # log_interval; formatted as vae/main.py does, not printed
                 log.append(f"Train Epoch: {epoch} [{batch_idx * len(x)}] Loss: {loss.item() / len(x):.6f}")
-        seconds.append(time.perf_counter() - t)
-    _, elbo = timed_validation(as_vaekit(model, cfg), cfg, x_valid)
-    return {"seconds": seconds, "valid_elbo": elbo}
+        laps.append(clock.lap())
+    *_, elbo = timed_validation(as_vaekit(model, cfg), cfg, x_valid)
+    return {"seconds": [w for w, _ in laps], "cpu": [c for _, c in laps], "valid_elbo": elbo}
 
 
 # ---------------------------------------------------------------- vaekit.train.fit
@@ -289,20 +303,23 @@ def row_fit(cfg, splits, x_valid, args, precision: str, compile_mode: str | None
     original = vtrain.elbo
     if compile_mode is not None:
         vtrain.elbo = torch.compile(original, mode=None if compile_mode == "default" else compile_mode)
+    clock, laps = Clock(), []
     try:
-        metrics = vtrain.fit(model, cfg, splits, run=None, progress=False)
+        metrics = vtrain.fit(model, cfg, splits, run=None, progress=False, on_epoch=lambda _: laps.append(clock.lap()))
     except Exception as e:  # report why compilation failed, then fall back to eager
         if compile_mode is None:
             raise
         note = f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); eager fallback"
         vtrain.elbo = original
         model = build(cfg.model, seed=0)
-        metrics = vtrain.fit(model, cfg, splits, run=None, progress=False)
+        clock, laps = Clock(), []
+        metrics = vtrain.fit(model, cfg, splits, run=None, progress=False, on_epoch=lambda _: laps.append(clock.lap()))
     finally:
         vtrain.elbo = original
-    t_valid, elbo = timed_validation(model, cfg, x_valid)
-    return {"seconds": [m["seconds"] - t_valid for m in metrics], "valid_elbo": -metrics[-1]["valid_nelbo"],
-            "valid_seconds": t_valid, "note": note}
+    wall_valid, cpu_valid, _ = timed_validation(model, cfg, x_valid)
+    # Each lap is one epoch of fit (the first also holds fit's set-up) including its validation.
+    return {"seconds": [w - wall_valid for w, _ in laps], "cpu": [c - cpu_valid for _, c in laps],
+            "valid_elbo": -metrics[-1]["valid_nelbo"], "valid_seconds": wall_valid, "note": note}
 
 
 # ---------------------------------------------------------------- the proposed loop
@@ -339,8 +356,8 @@ def elbo_closed(model, x: torch.Tensor, beta: float = 1.0):
     return ElboParts(distortion, rate, distortion + beta * rate)
 
 
-def proto_fit(model, cfg, splits, x_valid, compile_mode: str | None = None) -> tuple[list[float], list[float], str]:
-    """fit's loop with the recommended changes; returns (train seconds per epoch, valid ELBOs, note)."""
+def proto_fit(model, cfg, splits, x_valid, compile_mode: str | None = None):
+    """fit's loop with the recommended changes; returns ((wall, CPU) training seconds per epoch, valid ELBOs, note)."""
     from vaekit.train import elbo_means
 
     tc = cfg.train
@@ -362,10 +379,10 @@ def proto_fit(model, cfg, splits, x_valid, compile_mode: str | None = None) -> t
     step_loss = loss_fn
     if compile_mode is not None:
         step_loss = torch.compile(loss_fn, fullgraph=True, mode=None if compile_mode == "default" else compile_mode)
-    seconds, elbos = [], []
+    laps, elbos = [], []
     model.train()
     for _ in range(tc.epochs):
-        t0 = time.perf_counter()
+        clock = Clock()
         order = torch.randperm(n, generator=gen)
         sums = torch.zeros(3)
         for i in range(steps):
@@ -386,9 +403,9 @@ def proto_fit(model, cfg, splits, x_valid, compile_mode: str | None = None) -> t
             opt.step()
             sums[:2] += parts
             sums[2] += len(xb)
-        seconds.append(time.perf_counter() - t0)
+        laps.append(clock.lap())
         elbos.append(-elbo_means(model, x_valid, tc.eval_batch_size, seed=tc.seed)["nelbo"])
-    return seconds, elbos, note
+    return laps, elbos, note
 
 
 def row_proto(cfg, splits, x_valid, args, precision: str, compile_mode: str | None = None) -> dict:
@@ -396,8 +413,8 @@ def row_proto(cfg, splits, x_valid, args, precision: str, compile_mode: str | No
 
     cfg = cfg.replace(train={"precision": precision})
     model = build(cfg.model, seed=0)
-    seconds, elbos, note = proto_fit(model, cfg, splits, x_valid, compile_mode)
-    return {"seconds": seconds, "valid_elbo": elbos[-1], "note": note}
+    laps, elbos, note = proto_fit(model, cfg, splits, x_valid, compile_mode)
+    return {"seconds": [w for w, _ in laps], "cpu": [c for _, c in laps], "valid_elbo": elbos[-1], "note": note}
 
 
 # ---------------------------------------------------------------- Pythae (only if already installed)
@@ -444,11 +461,12 @@ def row_pythae(cfg, splits, x_valid, args) -> dict:
         tcfg = BaseTrainerConfig(output_dir=out, num_epochs=cfg.train.epochs, learning_rate=cfg.train.lr,
                                  per_device_train_batch_size=cfg.train.batch_size,
                                  per_device_eval_batch_size=cfg.train.eval_batch_size, no_cuda=True)
-        t = time.perf_counter()
+        clock = Clock()
         TrainingPipeline(training_config=tcfg, model=model)(train_data=x_train, eval_data=x_valid)
-        total = time.perf_counter() - t
-    _, elbo = timed_validation(as_vaekit(example, cfg), cfg, x_valid)
-    return {"seconds": [total / cfg.train.epochs] * cfg.train.epochs, "valid_elbo": elbo,
+        wall, cpu = clock.lap()
+    *_, elbo = timed_validation(as_vaekit(example, cfg), cfg, x_valid)
+    e = cfg.train.epochs
+    return {"seconds": [wall / e] * e, "cpu": [cpu / e] * e, "valid_elbo": elbo,
             "note": "static binarization; time includes Pythae's per-epoch eval and saving"}
 
 
@@ -532,15 +550,17 @@ def candidates(cfg, splits, args) -> None:
     from vaekit.models import build
     from vaekit.objectives import elbo
 
+    now = time.process_time if args.clock == "cpu" else time.perf_counter
+
     def us(f, n=100):
         for _ in range(5):
             f()
         best = math.inf
         for _ in range(5):
-            t = time.perf_counter()
+            t = now()
             for _ in range(n):
                 f()
-            best = min(best, (time.perf_counter() - t) / n)
+            best = min(best, (now() - t) / n)
         return best * 1e6
 
     b = cfg.train.batch_size
@@ -604,8 +624,8 @@ def candidates(cfg, splits, args) -> None:
         print(f"  {name:52s} {value:8.1f} us/step  ({value * math.ceil(len(x4) / b) / 1e6:.3f} s/epoch)")
     for threads in sorted({1, torch.get_num_threads()}):
         torch.set_num_threads(threads)
-        print(f"  matmul limit with {threads} thread(s): fp32 {time_limit(cfg, len(x4), torch.float32):.3f} s,"
-              f" bf16 {time_limit(cfg, len(x4), torch.bfloat16):.3f} s per epoch")
+        print(f"  matmul limit with {threads} thread(s): fp32 {time_limit(cfg, len(x4), torch.float32)[0]:.3f} s,"
+              f" bf16 {time_limit(cfg, len(x4), torch.bfloat16)[0]:.3f} s per epoch (wall)")
     print(f"  flush denormals: torch.set_flush_denormal(True) -> {torch.set_flush_denormal(True)} (see report)")
 
 
@@ -624,8 +644,8 @@ def child(spec: dict) -> dict:
         row = spec["row"]
         if row.startswith("limit"):
             dtype = torch.bfloat16 if row.endswith("bf16") else torch.float32
-            t = time_limit(cfg, n, dtype)
-            out.update(seconds=[t], flops=matmul_flops(cfg, n))
+            wall, cpu = time_limit(cfg, n, dtype)
+            out.update(seconds=[wall], cpu=[cpu], flops=matmul_flops(cfg, n))
         else:
             x_valid = valid_set(cfg, splits)
             if row == "plain":
@@ -681,25 +701,28 @@ def steady(seconds: list[float]) -> float:
 
 
 def print_table(model: str, results: list[dict], args) -> None:
-    limit = next((r for r in results if r["row"] == "limit fp32" and "seconds" in r), None)
-    plain = next((r for r in results if r["row"] == "plain" and "seconds" in r), None)
-    t_limit = limit["seconds"][0] if limit else math.nan
-    t_plain = steady(plain["seconds"]) if plain else math.nan
-    print(f"{'row':18s} {'s/epoch':>8s} {'1st ep':>7s} {'img/s':>8s} {'/limit':>7s} {'xplain':>7s} "
+    key = "cpu" if args.clock == "cpu" else "seconds"
+    limit = next((r for r in results if r["row"] == "limit fp32" and key in r), None)
+    plain = next((r for r in results if r["row"] == "plain" and key in r), None)
+    t_limit = limit[key][0] if limit else math.nan
+    t_plain = steady(plain[key]) if plain else math.nan
+    print(f"ratios use {args.clock} seconds")
+    print(f"{'row':18s} {'s/epoch':>8s} {'cpu s':>7s} {'1st ep':>7s} {'img/s':>8s} {'/limit':>7s} {'xplain':>7s} "
           f"{'valid ELBO':>10s} {'RSS GiB':>7s} {'others':>6s}  note")
     for r in results:
         if "error" in r:
             print(f"{r['row']:18s} failed: {r['error']}")
             continue
-        t = steady(r["seconds"])
+        t = steady(r[key])
         elbo = f"{r['valid_elbo']:10.2f}" if "valid_elbo" in r else f"{'-':>10s}"
         note = r.get("note", "")
         if "flops" in r:
             note = f"{r['flops'] / 1e9:.0f} GFLOP, {r['flops'] / t / 1e9:.0f} GFLOP/s"
         if "valid_seconds" in r:
             note = (note + "; " if note else "") + f"minus {r['valid_seconds']:.2f} s/epoch of fit's validation"
-        print(f"{r['row']:18s} {t:8.3f} {r['seconds'][0]:7.2f} {r['n'] / t:8.0f} {t / t_limit:7.2f} {t_plain / t:7.2f} "
-              f"{elbo} {r['peak_rss_gib']:7.2f} {r['other_cores']:6.2f}  {note}")
+        print(f"{r['row']:18s} {steady(r['seconds']):8.3f} {steady(r['cpu']):7.3f} {r['seconds'][0]:7.2f} "
+              f"{r['n'] / t:8.0f} {t / t_limit:7.2f} {t_plain / t:7.2f} {elbo} {r['peak_rss_gib']:7.2f} "
+              f"{r['other_cores']:6.2f}  {note}")
 
 
 def main() -> None:
@@ -715,6 +738,8 @@ def main() -> None:
     p.add_argument("--iwae-batch", type=int, default=20, help="batch size of the iwae model (paper: 20)")
     p.add_argument("--profile", action="store_true", help="add a profile of fit's step and the proto step")
     p.add_argument("--candidates", action="store_true", help="add micro-benchmarks of each candidate change")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="seconds the ratios use; 'cpu' (with --threads 1) resists other processes' load")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                    help="before each row, wait up to S seconds for other processes to free its cores")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -132,8 +132,8 @@ def _patch_elbo(monkeypatch, on_train_step):
     """Replace the objective the loop calls; ``on_train_step(n, parts)`` sees the n-th training call (1-based)."""
     real, calls = train.elbo, [0]
 
-    def patched(model, x, beta=1.0):
-        parts = real(model, x, beta=beta)
+    def patched(model, x, **kw):
+        parts = real(model, x, **kw)
         if not model.training:  # validation passes are left alone
             return parts
         calls[0] += 1
@@ -254,3 +254,39 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_says_how_to
     assert (tmp_path / "state.safetensors").read_bytes() == good["state.safetensors"]
     assert not any(runs.is_temp_file(p) for p in tmp_path.iterdir())
     assert _state_meta(tmp_path)[0]["epoch"] == 1
+
+
+@pytest.mark.parametrize("train", [
+    {"objective": "iwae", "k": 5},
+    {"warmup_steps": 10, "free_bits": 0.1, "lr_schedule": "cosine", "lr_min": 1e-4},
+])
+def test_objective_options_train_and_resume_exactly(tmp_path, train):
+    cfg = toy_config(epochs=2, **train)
+    splits = toy_splits()
+    metrics = fit(build(cfg.model, seed=0), cfg, splits, tmp_path / "a", progress=False)
+    assert metrics[-1]["valid_nelbo"] < metrics[0]["valid_nelbo"] + 0.5
+
+    def crash(record):
+        raise Crash
+
+    with pytest.raises(Crash):
+        fit(build(cfg.model, seed=0), cfg, splits, tmp_path / "b", progress=False, on_epoch=crash)
+    fit(build(cfg.model, seed=0), cfg, splits, tmp_path / "b", resume=True, progress=False)
+    a = load_file(str(tmp_path / "a" / "last.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warmup_and_cosine_schedule_values():
+    from vaekit.train import lr_schedule, objective
+
+    cfg = toy_config(warmup_steps=4, lr_schedule="cosine", lr_min=0.0, lr=1.0)
+    sched = lr_schedule(cfg.train, 100)
+    assert sched(0) == pytest.approx(1.0) and sched(50) == pytest.approx(0.5) and sched(100) == pytest.approx(0.0)
+    assert lr_schedule(toy_config().train, 100) is None
+    model = build(cfg.model, seed=0)
+    x = toy_splits().train.float()[:8].round()
+    for step, beta in [(0, 0.25), (1, 0.5), (3, 1.0), (10, 1.0)]:
+        torch.manual_seed(0)
+        parts = objective(model, x, cfg.train, step)
+        torch.testing.assert_close(parts.loss, parts.distortion + beta * parts.rate)

@@ -151,6 +151,12 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed"),
     subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast, fp32 weights)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="elbo, iwae (with --k) or norm-penalty "
+                                            "(the poor man's VAE)."),
+    k: Optional[int] = typer.Option(None, "--k", help="Importance samples per image for --objective iwae."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="KL warm-up: β rises linearly over N steps."),
+    free_bits: Optional[float] = typer.Option(None, "--free-bits", help="Floor (nats) on each latent dim's KL."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant or cosine."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config.json to start from."),
     set_: List[str] = typer.Option([], "--set", help="Any config field: --set model.activation=tanh."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N "
@@ -170,7 +176,8 @@ def train(
             ("--activation", activation), ("--likelihood", likelihood), ("--sigma", sigma), ("--binarize", binarize),
             ("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr), ("--beta", beta), ("--seed", seed),
             ("--subset", subset), ("--precision", precision), ("--config", config_file), ("--set", set_ or None),
-            ("--checkpoint-every", checkpoint_every)] if value is not None]
+            ("--checkpoint-every", checkpoint_every), ("--objective", objective), ("--k", k), ("--warmup", warmup),
+            ("--free-bits", free_bits), ("--lr-schedule", lr_schedule)] if value is not None]
         if given:
             raise ConfigError(f"--resume continues the run with its saved {out / 'config.json'}, so "
                               f"{', '.join(given)} would be ignored; drop them (or edit config.json).")
@@ -188,7 +195,8 @@ def train(
                       "hidden": _parse_hidden(hidden) if hidden else None},
             "data": {"source": data, "binarize": binarize, "subset": subset},
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed,
-                      "precision": precision, "checkpoint_every": checkpoint_every},
+                      "precision": precision, "checkpoint_every": checkpoint_every, "objective": objective,
+                      "k": k, "warmup_steps": warmup, "free_bits": free_bits, "lr_schedule": lr_schedule},
         }
         if sigma is not None:
             if sigma == "learned":

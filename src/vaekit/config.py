@@ -85,6 +85,8 @@ class TrainConfig:
     k: int = 1  # importance samples per example for objective "iwae" (Burda et al. 2015)
     warmup_steps: int = 0  # β rises linearly from 0 over this many steps (KL warm-up)
     free_bits: float = 0.0  # nats: a floor on each latent dimension's KL in the loss (Kingma et al. 2016)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min: float = 0.0  # where the cosine schedule ends
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -95,6 +97,10 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if self.beta < 0:
             raise ConfigError(f"beta must be non-negative, got {self.beta}.")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}.")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ConfigError(f"lr_min must be between 0 and lr ({self.lr}), got {self.lr_min}.")
         if self.k < 1:
             raise ConfigError(f"k (importance samples) must be at least 1, got {self.k}.")
         if self.objective == "elbo" and self.k != 1:

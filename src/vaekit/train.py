@@ -23,10 +23,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from vaekit import runs
-from vaekit.config import DataConfig, RunConfig
+from vaekit.config import DataConfig, RunConfig, TrainConfig
 from vaekit.data import Dataset, Splits, binarize
 from vaekit.errors import RunError
-from vaekit.objectives import elbo
+from vaekit.objectives import elbo, iwae, norm_penalty
 
 MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row before training gives up
 BAR_EVERY = 25  # steps between progress-bar refreshes (each refresh reads the device)
@@ -133,6 +133,23 @@ def _write_or_explain(run: Path, saved: dict | None, what: str, write: Callable[
                        "(free some disk space first).") from e
 
 
+def objective(model, x: torch.Tensor, tc: TrainConfig, step: int):
+    """The loss parts of one batch at global step ``step`` (0-based), as ``tc`` says."""
+    if tc.objective == "iwae":
+        return iwae(model, x, tc.k)
+    if tc.objective == "norm-penalty":
+        return norm_penalty(model, x, tc.beta)
+    beta = tc.beta * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.beta  # linear KL warm-up
+    return elbo(model, x, beta=beta, free_bits=tc.free_bits)
+
+
+def lr_schedule(tc: TrainConfig, total_steps: int) -> Callable[[int], float] | None:
+    """Learning rate at a global step, or None for a constant rate (nothing to do per step)."""
+    if tc.lr_schedule == "cosine":  # Loshchilov & Hutter 2017, without restarts, down to lr_min
+        return lambda t: tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+    return None
+
+
 def fit(
     model,
     cfg: RunConfig,
@@ -193,6 +210,7 @@ def fit(
         torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
     )
     every = tc.checkpoint_every if run is not None else None
+    schedule = lr_schedule(tc, steps_per_epoch * tc.epochs)
     model.train()
     for epoch in range(state["epoch"] + 1, tc.epochs + 1):
         t0 = time.perf_counter()
@@ -210,8 +228,11 @@ def fit(
             xb = data.x[idx].float().mul_(data.scale)  # (B, *shape) in [0, 1]
             if data.dynamic:
                 xb = torch.bernoulli(xb, generator=gen if xb.device.type == "cpu" else None)
+            if schedule is not None:
+                for group in opt.param_groups:
+                    group["lr"] = schedule(state["step"] + i)
             with autocast:
-                parts = elbo(model, xb, beta=tc.beta)
+                parts = objective(model, xb, tc, state["step"] + i)
             loss = parts.loss.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
