@@ -149,6 +149,30 @@ def timed_validation(model, cfg, x_valid) -> tuple[float, float, float]:
     return best[0], best[1], -out["nelbo"]
 
 
+# ---------------------------------------------------------------- oneDNN for fp32 matmuls
+
+
+def onednn_fp32_matmuls() -> str:
+    """Send fp32 matmuls to oneDNN instead of MKL, if oneDNN keeps them fp32 on this CPU.
+
+    MKL's sgemm takes a slower (AVX2) path on AMD CPUs; oneDNN's AVX-512 brgemm is about
+    twice as fast there. PyTorch routes fp32 matmuls to oneDNN only when bf16 math is allowed
+    (torch.backends.mkldnn.matmul.fp32_precision = "bf16"). Where oneDNN has no implicit-bf16
+    kernel (no AMX, as here) it computes in fp32; with AMX it would round to bf16. So: allow
+    it, measure the error against float64 on training-like shapes, and undo it if not fp32.
+    """
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 784, generator=g), torch.randn(784, 400, generator=g)
+    exact = a.double() @ b.double()
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    err = ((a @ b).double() - exact).norm() / exact.norm()
+    if err > 1e-6:  # fp32 gives ~3e-7 here, bf16 ~3e-3
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+        return f"oneDNN would round fp32 matmuls to bf16 here (rel. error {err:.1e}): kept MKL"
+    return f"fp32 matmuls via oneDNN (rel. error {err:.1e}, fp32-exact)"
+
+
 # ---------------------------------------------------------------- the limit
 
 
@@ -484,6 +508,7 @@ def profile_steps(cfg, splits, args) -> None:
     x_all = x4.flatten(1)
     b = cfg.train.batch_size
     order = torch.randperm(len(x4))
+    batches = [order[j * b:(j + 1) * b] for j in range(len(x4) // b)]  # step i uses batches[i % len]
     groups = {
         "matmul": ("aten::mm", "aten::addmm"),
         "optimizer": ("aten::_fused_adam", "aten::_foreach", "aten::sqrt", "aten::addcdiv", "aten::addcmul",
@@ -493,54 +518,59 @@ def profile_steps(cfg, splits, args) -> None:
         "casts/copies": ("aten::copy_", "aten::_to_copy"),
         "likelihood": ("aten::log_sigmoid", "aten::binary_cross_entropy", "aten::sigmoid", "aten::softplus"),
     }
-    for precision in ("fp32", "bf16"):
+    variants = [("fp32", "fit step"), ("fp32", "proto step"), ("fp32", "proto step, oneDNN"),
+                ("bf16", "fit step"), ("bf16", "proto step")]
+    for precision, name in variants:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        for name in ("fit step", "proto step"):
-            model = build(cfg.model, seed=0)
-            gen = torch.Generator().manual_seed(0)
-            if name == "fit step":
-                opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+        if "oneDNN" in name:
+            onednn_fp32_matmuls()
+        model = build(cfg.model, seed=0)
+        gen = torch.Generator().manual_seed(0)
+        if name == "fit step":
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
 
-                def step(i):
-                    xb = torch.bernoulli(x4[order[i * b:(i + 1) * b]].float().mul_(1 / 255), generator=gen)
-                    with autocast:
-                        parts = elbo(model, xb)
-                    loss = parts.loss.mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if torch.isfinite(loss):
-                        opt.step()
-            else:
-                opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+            def step(i):
+                xb = torch.bernoulli(x4[batches[i % len(batches)]].float().mul_(1 / 255), generator=gen)
+                with autocast:
+                    parts = elbo(model, xb)
+                loss = parts.loss.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if torch.isfinite(loss):
+                    opt.step()
+        else:
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
-                def step(i):
-                    xb = binarize_u8(x_all.index_select(0, order[i * b:(i + 1) * b]), gen).view(-1, *x4.shape[1:])
-                    with autocast:
-                        parts = elbo_closed(model, xb)
-                    loss = parts.loss.mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if torch.isfinite(loss):
-                        opt.step()
-            for i in range(20):
-                step(i)
-            t = time.perf_counter()
+            def step(i):
+                xb = binarize_u8(x_all.index_select(0, batches[i % len(batches)]), gen).view(-1, *x4.shape[1:])
+                with autocast:
+                    parts = elbo_closed(model, xb)
+                loss = parts.loss.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if torch.isfinite(loss):
+                    opt.step()
+        for i in range(20):
+            step(i)
+        now = time.process_time if args.clock == "cpu" else time.perf_counter
+        t = now()
+        for i in range(100):
+            step(i)
+        wall = (now() - t) / 100
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             for i in range(100):
                 step(i)
-            wall = (time.perf_counter() - t) / 100
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for i in range(100):
-                    step(i)
-            events = prof.key_averages()
-            total = {k: 0.0 for k in [*groups, "other ops"]}
-            calls = 0
-            for e in events:
-                calls += e.count if e.key.startswith("aten::") else 0
-                key = next((g for g, pre in groups.items() if e.key.startswith(pre)), "other ops")
-                total[key] += e.self_cpu_time_total / 100
-            parts = "  ".join(f"{k} {v / 1e3:.2f}" for k, v in total.items())
-            print(f"  {precision} {name:10s} wall {wall * 1e3:.2f} ms/step (unprofiled); profiled ms/step: {parts};"
-                  f" {calls / 100:.0f} aten calls/step")
+        events = prof.key_averages()
+        total = {k: 0.0 for k in [*groups, "other ops"]}
+        calls = 0
+        for e in events:
+            calls += e.count if e.key.startswith("aten::") else 0
+            key = next((g for g, pre in groups.items() if e.key.startswith(pre)), "other ops")
+            total[key] += e.self_cpu_time_total / 100
+        parts = "  ".join(f"{k} {v / 1e3:.2f}" for k, v in total.items())
+        print(f"  {precision} {name:18s} {args.clock} {wall * 1e3:.2f} ms/step (unprofiled); profiled ms/step: {parts};"
+              f" {calls / 100:.0f} aten calls/step")
 
 
 def candidates(cfg, splits, args) -> None:
@@ -622,11 +652,24 @@ def candidates(cfg, splits, args) -> None:
         rows.append((f"elbo fwd+bwd, {'bf16 autocast' if bf16 else 'fp32'}", us(fb)))
     for name, value in rows:
         print(f"  {name:52s} {value:8.1f} us/step  ({value * math.ceil(len(x4) / b) / 1e6:.3f} s/epoch)")
+    torch.set_flush_denormal(True)
+    rows_fd = us(lambda: elbo(model, x4b).loss.mean().backward())
+    torch.set_flush_denormal(False)
+    print(f"  {'elbo fwd+bwd fp32, torch.set_flush_denormal(True)':52s} {rows_fd:8.1f} us/step")
+    n = len(x4)
+    k = 1 if args.clock == "cpu" else 0
     for threads in sorted({1, torch.get_num_threads()}):
         torch.set_num_threads(threads)
-        print(f"  matmul limit with {threads} thread(s): fp32 {time_limit(cfg, len(x4), torch.float32)[0]:.3f} s,"
-              f" bf16 {time_limit(cfg, len(x4), torch.bfloat16)[0]:.3f} s per epoch (wall)")
-    print(f"  flush denormals: torch.set_flush_denormal(True) -> {torch.set_flush_denormal(True)} (see report)")
+        for bs in (32, 64, 128, 256, 512) if threads == 1 else (cfg.train.batch_size,):
+            c = cfg.replace(train={"batch_size": bs})
+            mkl = time_limit(c, n, torch.float32)[k]
+            onednn_fp32_matmuls()
+            one = time_limit(c, n, torch.float32)[k]
+            torch.backends.mkldnn.matmul.fp32_precision = "none"
+            bf16 = time_limit(c, n, torch.bfloat16)[k]
+            gf = matmul_flops(c, n) / 1e9
+            print(f"  matmul limit, {threads} thread(s), batch {bs:3d}: fp32 MKL {mkl:.3f} s ({gf / mkl:.0f} GFLOP/s),"
+                  f" fp32 oneDNN {one:.3f} s ({gf / one:.0f}), bf16 {bf16:.3f} s ({gf / bf16:.0f}) per epoch")
 
 
 # ---------------------------------------------------------------- one row in a child process
@@ -640,10 +683,11 @@ def child(spec: dict) -> dict:
     splits = load_splits(cfg)
     n = len(splits.train)
     out = {"row": spec["row"], "model": spec["model"], "threads": torch.get_num_threads(), "n": n}
+    row = spec["row"]
+    setting = onednn_fp32_matmuls() if "onednn" in row else ""
     with OtherLoad() as load:
-        row = spec["row"]
         if row.startswith("limit"):
-            dtype = torch.bfloat16 if row.endswith("bf16") else torch.float32
+            dtype = torch.bfloat16 if "bf16" in row else torch.float32
             wall, cpu = time_limit(cfg, n, dtype)
             out.update(seconds=[wall], cpu=[cpu], flops=matmul_flops(cfg, n))
         else:
@@ -662,6 +706,7 @@ def child(spec: dict) -> dict:
                 profile_steps(cfg, splits, args)
             elif row == "candidates":
                 candidates(cfg, splits, args)
+    out["note"] = "; ".join(x for x in (setting, out.get("note", "")) if x)
     out["other_cores"] = load.cores
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return out
@@ -717,7 +762,7 @@ def print_table(model: str, results: list[dict], args) -> None:
         elbo = f"{r['valid_elbo']:10.2f}" if "valid_elbo" in r else f"{'-':>10s}"
         note = r.get("note", "")
         if "flops" in r:
-            note = f"{r['flops'] / 1e9:.0f} GFLOP, {r['flops'] / t / 1e9:.0f} GFLOP/s"
+            note = f"{r['flops'] / 1e9:.0f} GFLOP, {r['flops'] / t / 1e9:.0f} GFLOP/s" + (f"; {note}" if note else "")
         if "valid_seconds" in r:
             note = (note + "; " if note else "") + f"minus {r['valid_seconds']:.2f} s/epoch of fit's validation"
         print(f"{r['row']:18s} {steady(r['seconds']):8.3f} {steady(r['cpu']):7.3f} {r['seconds'][0]:7.2f} "
@@ -729,8 +774,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=2, help="epochs per row (2: timing; 10+: quality)")
     p.add_argument("--models", default="mlp,iwae", help="comma-separated: mlp, iwae")
-    p.add_argument("--rows", default="limit fp32,limit bf16,plain,vaekit fp32,vaekit bf16,vaekit compile,"
-                                     "proto fp32,proto bf16,proto compile,proto bf16 compile,pythae")
+    p.add_argument("--rows", default="limit fp32,limit fp32 onednn,limit bf16,plain,vaekit fp32,vaekit bf16,"
+                                     "vaekit compile,proto fp32,proto fp32 onednn,proto bf16,proto compile onednn,"
+                                     "proto bf16 compile,pythae")
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs)")
     p.add_argument("--quick", action="store_true", help="smoke test: 5000 training images, 1 epoch")
@@ -775,10 +821,10 @@ def main() -> None:
         print_table(model, results, args)
         if args.profile:
             print(f"\nprofile ({model}, 100 steps after 20 warm-up):")
-            run_child("profile", model, args)
+            print(run_child("profile", model, args).get("error", ""))
         if args.candidates:
             print(f"\ncandidates ({model}):")
-            run_child("candidates", model, args)
+            print(run_child("candidates", model, args).get("error", ""))
     print(f"\npeak RSS of this parent process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
           " (each row's own peak is in its column)")
 

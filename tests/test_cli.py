@@ -49,6 +49,17 @@ def test_train_writes_every_file_and_other_commands_work(tmp_path, npz, capsys):
     assert result["split"] == "valid" and result["n_images"] == 30
     assert result["nelbo"] == pytest.approx(result["recon"] + result["kl"])
     assert result["nelbo"] == pytest.approx(summary["valid"]["nelbo"])  # fixed protocol: same number again
+    assert main(["eval", str(run), "--split", "valid", "--k", "100", "--json", "--no-progress"]) == 0
+    is_result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("nll", "nll_stderr", "bits_per_dim", "active_units", "kl_per_dim", "k", "binarization",
+                "binarize_seed", "seed"):
+        assert key in is_result
+    assert is_result["k"] == 100 and len(is_result["kl_per_dim"]) == 2
+    assert is_result["nll"] < is_result["nelbo"]  # L_100 is tighter than the ELBO
+    assert json.loads((run / "summary.json").read_text())["valid_eval"] == is_result
+    assert main(["eval", str(run), "--split", "valid", "--k", "100", "--json", "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["nll"] == is_result["nll"]  # same seed, same protocol: exactly the same number
 
     assert main(["sample", str(run), "--n", "9", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0

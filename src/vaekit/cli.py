@@ -122,13 +122,20 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
                 "binarize_seed": cfg.data.binarize_seed, "estimator": "ELBO, 1 sample of z per image"},
     }
     runs.write_json(run / "summary.json", summary)
-    figs = figures.run_figures(model, x, ds.y, metrics)
-    _save_figures(run, figs)
-    html = report.run_report(
-        f"vaekit run: {run.name}", cfg.to_dict(), summary, [(figures.CAPTIONS[n], n) for n in figs], metrics
-    )
-    runs.write_text(run / "report.html", html)
+    _save_figures(run, figures.run_figures(model, x, ds.y, metrics))
+    write_report(run)
     return summary
+
+
+def write_report(run: Path) -> None:
+    """report.html from what the run directory holds now: config, summary, metrics, figures."""
+    from vaekit import figures, report
+
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    figs = [(caption, name) for name, caption in figures.CAPTIONS.items() if (run / name).exists()]
+    html = report.run_report(f"vaekit run: {run.name}", runs.load_config(run).to_dict(), summary, figs,
+                             runs.read_jsonl(run / "metrics.jsonl"))
+    runs.write_text(run / "report.html", html)
 
 
 # ----------------------------------------------------------------------------- train
@@ -313,23 +320,48 @@ def plot(run: Path = typer.Argument(..., help="Run directory.")) -> None:
 @app.command(name="eval")
 def eval_(
     run: Path = typer.Argument(..., help="Run directory."),
+    k: int = typer.Option(5000, "--k", help="Importance samples per image (the field's protocol: 5000)."),
     split: str = typer.Option("test", "--split", help="valid or test."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (decoder matmuls; sums in fp32)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the importance samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Evaluate a run: negative ELBO and its parts in nats."""
-    from vaekit.train import elbo_means
+    """Estimate log p(x) by importance sampling (q(z|x) as proposal, k samples), plus the ELBO parts, in nats.
 
+    The result is also written into the run's summary.json (under "<split>_eval") and report.html.
+    """
+    from vaekit.evaluate import evaluate
+
+    if split not in ("valid", "test"):
+        raise VaekitError(f"--split must be valid or test, got '{split}'.")
+    if k < 1 or (limit is not None and limit < 1):
+        raise VaekitError("--k and --limit must be at least 1.")
     cfg, x, _ = _eval_images(run, split, limit)
-    model = runs.load(run)
-    ev = elbo_means(model, x, cfg.train.eval_batch_size, seed=cfg.train.seed)
-    result = {**ev, "elbo": -ev["nelbo"], "split": split, "n_images": len(x),
-              "binarization": cfg.data.binarize, "seed": cfg.data.binarize_seed}
+    model = runs.load(run, device=_device(device))
+    result = evaluate(model, x, k=k, precision=precision, seed=seed, progress=progress)
+    result.update(split=split, binarization=cfg.data.binarize, binarize_seed=cfg.data.binarize_seed, seed=seed,
+                  weights="model.safetensors (best epoch by validation ELBO)")
+    if cfg.train.objective == "norm-penalty":
+        result["note"] = (f"trained with a norm penalty, not an ELBO: nll is -log p(x) under the implied model "
+                          f"z ~ N(0, I), x ~ N(decoder(z), {cfg.model.sigma}^2 I), with N(f(x), I) as the proposal")
+    summary_path = Path(run) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    runs.write_json(summary_path, {**summary, f"{split}_eval": result})
+    write_report(Path(run))
     if as_json:
         typer.echo(json.dumps(result))
-    else:
-        for key, value in result.items():
-            typer.echo(f"{key:>14}  {value:.4f}" if isinstance(value, float) else f"{key:>14}  {value}")
+        return
+    typer.echo(f"{split} set, {result['n_images']} images, binarization {cfg.data.binarize} "
+               f"(seed {cfg.data.binarize_seed}); {result.get('estimator', '')}, k = {k}, {precision}")
+    for key in ("nll", "nll_stderr", "nelbo", "recon", "kl", "bits_per_dim", "active_units"):
+        if key in result:
+            value = result[key]
+            typer.echo(f"  {key:>13}  {value:.3f}" if isinstance(value, float) else f"  {key:>13}  {value}")
+    if "note" in result:
+        typer.echo(f"  note: {result['note']}")
 
 
 @app.command()
