@@ -801,7 +801,8 @@ def main() -> None:
         rows = [r for r in rows if "compile" not in r]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads per row: {args.threads or torch.get_num_threads()},"
           f" epochs {args.epochs}{' (quick: 5000 images)' if args.quick else ''}, load average "
-          f"{os.getloadavg()[0]:.1f}; each row in its own subprocess")
+          f"{os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')};"
+          " each row in its own subprocess")
     if "pythae" in rows:
         try:
             import pythae  # noqa: F401
