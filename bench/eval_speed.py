@@ -12,7 +12,8 @@ For each model and precision, from this one run:
   matmul limit             the same decoder matrix products alone: torch.addmm
                            chains with the shapes and counts log_px uses, into
                            preallocated outputs; no sampling, no log-probs.
-                           Timed on --limit-fraction of the chunks and scaled.
+                           Timed on --limit-fraction of the chunks (half just
+                           before the run, half just after) and scaled.
   ratio                    seconds / limit
   per-image loop           one image at a time, its own encoder pass for every
                            chunk of 100 samples (as Pythae's get_nll does), timed
@@ -200,16 +201,20 @@ def main() -> None:
             state = "random initialisation"
         print(f"\n== {name} ({state})")
         for prec in precisions:
+            dtype = torch.float32 if prec == "fp32" else torch.bfloat16
             la = load_avg()
+            # The limit is timed on half the sampled chunks just before the run and half just
+            # after, so that a change in the machine's load shows up as two different numbers.
+            before = time_limit(model, plan, dtype, args.limit_fraction / 2)
             with Timer() as t:
                 r = ev.estimate_nll(model, x_test, args.k, precision=prec, progress=False, seed=0)
-            lim_wall, lim_cpu = time_limit(model, plan, torch.float32 if prec == "fp32" else torch.bfloat16,
-                                           args.limit_fraction)
+            after = time_limit(model, plan, dtype, args.limit_fraction / 2)
+            lim_wall, lim_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
             results[name, prec] = (t, r["nll"])
             print(f"  {prec}: {t.wall:7.1f} s ({t.cpu:7.1f}) {n / t.wall:7.1f} img/s | matmul limit "
-                  f"{lim_wall:7.1f} s ({lim_cpu:7.1f}) | ratio {t.wall / lim_wall:.2f}x "
-                  f"({t.cpu / lim_cpu:.2f}x) | nll {r['nll']:.3f} ± {r['nll_stderr']:.3f} | {la} → {load_avg()}",
-                  flush=True)
+                  f"{lim_wall:7.1f} s ({lim_cpu:7.1f}) [before {before[0]:.1f}, after {after[0]:.1f}] | "
+                  f"ratio {t.wall / lim_wall:.2f}x ({t.cpu / lim_cpu:.2f}x) | nll {r['nll']:.3f} ± "
+                  f"{r['nll_stderr']:.3f} | {la} → {load_avg()}", flush=True)
         if len(precisions) == 2:
             (t32, nll32), (t16, nll16) = results[name, "fp32"], results[name, "bf16"]
             print(f"  bf16 vs fp32: {t32.wall:.1f} s → {t16.wall:.1f} s, speedup {t32.wall / t16.wall:.2f}x "

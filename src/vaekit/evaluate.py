@@ -252,7 +252,7 @@ def default_chunk_size(n_images: int, shape: tuple[int, ...]) -> int:
 
 
 def default_batch_size(k: int, shape: tuple[int, ...]) -> int:
-    """Images per log_px call: ≥ 100, and enough that one chunk of min(k, ·) samples fills CHUNK_BYTES."""
+    """Images per log_px call: 100, or more when k is small, so that a chunk still fills about CHUNK_BYTES."""
     rows = max(1, CHUNK_BYTES // (4 * math.prod(shape)))  # decoder outputs per chunk
     return max(100, rows // k)
 
