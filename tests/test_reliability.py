@@ -310,8 +310,8 @@ def test_bad_data_leaves_an_out_directory_the_user_made_as_it_was(tmp_path, caps
 @pytest.mark.parametrize("user_made_out", [False, True])
 def test_failure_before_the_first_checkpoint_removes_the_run(tmp_path, npz, monkeypatch, capsys, user_made_out):
     real = train.elbo
-    def nan_loss(model, x, beta=1.0):
-        parts = real(model, x, beta)
+    def nan_loss(model, x, **kw):
+        parts = real(model, x, **kw)
         return parts._replace(loss=parts.loss * float("nan"))
 
     monkeypatch.setattr(train, "elbo", nan_loss)
