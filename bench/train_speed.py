@@ -1,20 +1,23 @@
 """How fast is one VAE training epoch on this CPU, against its limit and a plain loop?
 
     python bench/train_speed.py [--epochs 2] [--models mlp,iwae] [--skip-compile] [--quick]
-                                [--threads N] [--iwae-batch 20] [--profile] [--candidates]
+        [--threads N] [--clock wall|cpu] [--repeat R] [--wait-quiet S] [--iwae-batch 20]
+        [--rows ...] [--profile] [--candidates]
 
 Two architectures, 50k binarized MNIST training images, the fixed 10k validation split:
   mlp    784-400-20, ReLU, batch 128   (pytorch/examples vae/main.py)
-  iwae   784-200-200-50, tanh, batch 20 (Burda et al. 2015; yburda/iwae experiments.py
-         trains with minibatch_size=20. vaekit's "iwae-1l" preset says 100: --iwae-batch 100)
+  iwae   784-200-200-50, tanh, batch 20 (Burda et al. 2015: yburda/iwae experiments.py trains
+         with minibatch_size=20; vaekit's "iwae-1l" preset says 100: --iwae-batch 100)
 
 Rows, each trained from scratch for --epochs epochs in its OWN subprocess (fresh thread
 pool and allocator, its own peak RSS, no compile cache shared between rows):
-  limit fp32 / bf16   the epoch's matrix products alone: torch.addmm (forward) and
-                      torch.mm (grad input, grad weight) with the shapes and counts of one
-                      epoch, into preallocated outputs; no nonlinearity, no loss, no optimizer.
-                      Grad input is skipped for the first layer, as autograd skips it (x needs
-                      no gradient). This is what the ratios divide by.
+  limit fp32          the epoch's matrix products alone: torch.addmm (forward) and torch.mm
+                      (grad weight; grad input for all layers but the first, which autograd
+                      skips too) with the step's shapes and counts, into preallocated outputs;
+                      no nonlinearity, loss or optimizer. torch's default fp32 path (MKL sgemm).
+                      The "/limit" column divides by this row.
+  limit fp32 onednn   the same with fp32 matmuls sent to oneDNN (see onednn_fp32_matmuls).
+  limit bf16          the same in bfloat16 (oneDNN).
   plain               pytorch/examples vae/main.py's loop: DataLoader over a float32
                       TensorDataset (shuffle, batch B, no workers, as on CPU there), sigmoid
                       decoder, F.binary_cross_entropy(reduction='sum') + the closed-form KL,
@@ -24,24 +27,29 @@ pool and allocator, its own peak RSS, no compile cache shared between rows):
   vaekit fp32/bf16    vaekit.train.fit (progress off, run=None). fit validates every epoch;
                       that validation (elbo_means on 10k images) is timed separately after
                       training and subtracted, so the column is training only.
-  vaekit +compile     the same fit with vaekit.train.elbo replaced by torch.compile(elbo)
+  vaekit compile      the same fit with vaekit.train.elbo replaced by torch.compile(elbo)
                       (a prototype of a --compile option: nothing in src/ is changed).
-  proto fp32/bf16     the loop fit would be with the changes this bench recommends (fused
-                      Adam, index_select gather, integer-threshold binarization, closed-form
-                      KL); the same objective and protocol.
-  proto +compile      proto with its loss (forward and backward) compiled, fullgraph.
+  proto ...           fit's loop with the changes this bench recommends (fused Adam,
+                      index_select gather, integer-threshold binarization, closed-form KL),
+                      "onednn": + fp32 matmuls on oneDNN, "compile": + the loss (forward and
+                      backward) compiled whole. Same objective, same validation protocol.
   pythae              Pythae's TrainingPipeline, if importable (this bench never installs it).
 
-Columns: seconds per epoch (training only; mean of epochs 2.. when there are several,
-the first epoch, which holds warm-up and compilation, separately), images/s, seconds over
-the fp32 limit, speed-up over the plain loop, the validation ELBO after the same epochs
-(one-sample ELBO on the validation images binarized once with seed 0, fixed noise seed:
-vaekit.train.elbo_means, for every row), the row's peak RSS and how many cores OTHER
-processes kept busy meanwhile (on a shared 2-core machine that is the main source of noise:
-with two threads, one busy core costs a factor of several).
+Columns: seconds per epoch, training only (mean of epochs 2.. when there are several; the
+first epoch, with warm-up and compilation, separately), process CPU seconds, images/s, time
+over the fp32 limit, speed-up over the plain loop, the validation ELBO after the same
+epochs (one-sample ELBO on the validation images binarized once with seed 0, fixed noise
+seed: vaekit.train.elbo_means, for every row), the row's peak RSS, and how many cores OTHER
+processes kept busy meanwhile.
+
+On a shared 2-core machine other processes are the main source of noise: with two threads,
+one busy core slows every parallel op by a scheduler time slice (10x-40x here). So:
+--threads 1 --clock cpu gives numbers that hardly move with other load; --wait-quiet S waits
+for free cores before each row; --repeat R runs the rows round-robin R times and keeps each
+row's fastest run (the host's speed also drifts by tens of percent over minutes).
 
 --profile     adds a grouped torch.profiler breakdown of 100 steps of fit's step and the proto step.
---candidates  adds micro-benchmarks of the candidate changes one by one (the evidence for the ranking).
+--candidates  adds micro-benchmarks of the candidate changes one by one.
 """
 
 from __future__ import annotations
@@ -58,8 +66,17 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch._dynamo  # noqa: F401  imported by torch.optim on first use (~1 s): here, outside every timing
 import torch.nn.functional as F
 from torch import nn
+from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
+
+from vaekit import train as vtrain
+from vaekit.config import RunConfig
+from vaekit.data import binarize, load_data
+from vaekit.models import build
+from vaekit.objectives import ElboParts, elbo
+from vaekit.train import elbo_means, eval_set
 
 N_VALID_TIMINGS = 3
 
@@ -100,8 +117,6 @@ class OtherLoad:
 
 
 def model_config(name: str, args):
-    from vaekit.config import RunConfig
-
     spec = MODELS[name]
     batch = args.iwae_batch if name == "iwae" else spec["batch"]
     return RunConfig().replace(
@@ -112,14 +127,10 @@ def model_config(name: str, args):
 
 
 def load_splits(cfg):
-    from vaekit.data import load_data
-
     return load_data("mnist", subset=cfg.data.subset)
 
 
 def valid_set(cfg, splits) -> torch.Tensor:
-    from vaekit.train import eval_set
-
     return eval_set(splits.valid, cfg.data)
 
 
@@ -139,8 +150,6 @@ class Clock:
 
 def timed_validation(model, cfg, x_valid) -> tuple[float, float, float]:
     """(wall s, CPU s, valid ELBO) of one elbo_means pass over x_valid: fit's per-epoch validation."""
-    from vaekit.train import elbo_means
-
     best = (math.inf, math.inf)
     for _ in range(N_VALID_TIMINGS):
         clock = Clock()
@@ -271,8 +280,6 @@ def example_loss(recon_x, x, mu, logvar, d_x):
 
 def as_vaekit(example: ExampleVAE, cfg):
     """The same weights in a vaekit MLPVAE, so that one evaluator scores every row."""
-    from vaekit.models import build
-
     model = build(cfg.model, seed=0)
     enc = [m for m in model.encoder if isinstance(m, nn.Linear)]
     dec = [m for m in model.decoder if isinstance(m, nn.Linear)]
@@ -318,14 +325,12 @@ def row_plain(cfg, splits, x_valid, args) -> dict:
 
 
 def row_fit(cfg, splits, x_valid, args, precision: str, compile_mode: str | None = None) -> dict:
-    from vaekit import train as vtrain
-    from vaekit.models import build
-
     cfg = cfg.replace(train={"precision": precision})
     model = build(cfg.model, seed=0)
     note = ""
-    original = vtrain.elbo
+    original = vtrain.elbo  # fit (and its validation, elbo_means) call the objective by this name
     if compile_mode is not None:
+        note = "fit with vaekit.train.elbo compiled (its validation too)"
         vtrain.elbo = torch.compile(original, mode=None if compile_mode == "default" else compile_mode)
     clock, laps = Clock(), []
     try:
@@ -334,7 +339,7 @@ def row_fit(cfg, splits, x_valid, args, precision: str, compile_mode: str | None
         if compile_mode is None:
             raise
         note = f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); eager fallback"
-        vtrain.elbo = original
+        vtrain.elbo = original  # the fallback: the same fit, eager
         model = build(cfg.model, seed=0)
         clock, laps = Clock(), []
         metrics = vtrain.fit(model, cfg, splits, run=None, progress=False, on_epoch=lambda _: laps.append(clock.lap()))
@@ -367,26 +372,28 @@ def binarize_u8(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.lt(u, threshold, out=torch.empty(x.shape))
 
 
-def elbo_closed(model, x: torch.Tensor, beta: float = 1.0):
-    """objectives.elbo with the KL of a diagonal Gaussian against N(0, I) written out (App. B of
-    Kingma & Welling), so that torch.compile can trace it whole (kl_divergence's dispatch cannot be)."""
-    from vaekit.objectives import ElboParts
+def kl_diag_normal(q: Normal, p: Normal) -> torch.Tensor:
+    """Per-dimension KL(q ‖ p) of two Gaussians: torch.distributions' kl_normal_normal, written
+    out so that torch.compile can trace it (kl_divergence's type dispatch cannot be traced)."""
+    var_ratio = (q.scale / p.scale).pow(2)
+    t1 = ((q.loc - p.loc) / p.scale).pow(2)
+    return 0.5 * (var_ratio + t1 - 1 - var_ratio.log())
 
+
+def elbo_closed(model, x: torch.Tensor, beta: float = 1.0) -> ElboParts:
+    """objectives.elbo with the KL of the diagonal Gaussians q(z|x) and p(z) written out
+    (Appendix B of Kingma & Welling when p = N(0, I)); same numbers, traceable whole."""
     q = model.encode(x)
     z = q.rsample()
     distortion = -model.decode(z).log_prob(x)
-    mu, sigma = q.base_dist.loc, q.base_dist.scale  # (B, D)
-    rate = 0.5 * (mu.square() + sigma.square() - 1).sum(-1) - sigma.log().sum(-1)
+    rate = kl_diag_normal(q.base_dist, model.prior().base_dist).sum(-1)  # (B,)
     return ElboParts(distortion, rate, distortion + beta * rate)
 
 
 def proto_fit(model, cfg, splits, x_valid, compile_mode: str | None = None):
     """fit's loop with the recommended changes; returns ((wall, CPU) training seconds per epoch, valid ELBOs, note)."""
-    from vaekit.train import elbo_means
-
     tc = cfg.train
-    shape = tuple(splits.train.x.shape[1:])
-    x_all = splits.train.x.flatten(1)  # (N, D) uint8: index_select copies whole rows
+    x_all = splits.train.x  # (N, *shape) uint8
     n = len(x_all)
     steps = math.ceil(n / tc.batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=True)
@@ -411,7 +418,7 @@ def proto_fit(model, cfg, splits, x_valid, compile_mode: str | None = None):
         sums = torch.zeros(3)
         for i in range(steps):
             idx = order[i * tc.batch_size : (i + 1) * tc.batch_size]
-            xb = binarize_u8(x_all.index_select(0, idx), gen).view(-1, *shape)
+            xb = binarize_u8(x_all.index_select(0, idx), gen)  # (B, *shape) float32 0/1
             try:
                 loss, parts = step_loss(xb)
             except Exception as e:  # compilation failed: say why, continue eagerly
@@ -433,8 +440,6 @@ def proto_fit(model, cfg, splits, x_valid, compile_mode: str | None = None):
 
 
 def row_proto(cfg, splits, x_valid, args, precision: str, compile_mode: str | None = None) -> dict:
-    from vaekit.models import build
-
     cfg = cfg.replace(train={"precision": precision})
     model = build(cfg.model, seed=0)
     laps, elbos, note = proto_fit(model, cfg, splits, x_valid, compile_mode)
@@ -455,8 +460,6 @@ def row_pythae(cfg, splits, x_valid, args) -> dict:
     from pythae.models.nn import BaseDecoder, BaseEncoder
     from pythae.pipelines import TrainingPipeline
     from pythae.trainers import BaseTrainerConfig
-
-    from vaekit.data import binarize
 
     d_x = math.prod(cfg.model.input_shape)
     example = ExampleVAE(d_x, list(cfg.model.hidden), cfg.model.latent_dim, cfg.model.activation)
@@ -500,9 +503,6 @@ def row_pythae(cfg, splits, x_valid, args) -> dict:
 def profile_steps(cfg, splits, args) -> None:
     """Grouped self-CPU time per step: fit's step (as in train.py) and the proto step."""
     from torch.profiler import ProfilerActivity, profile
-
-    from vaekit.models import build
-    from vaekit.objectives import elbo
 
     x4 = splits.train.x
     x_all = x4.flatten(1)
@@ -575,11 +575,6 @@ def profile_steps(cfg, splits, args) -> None:
 
 def candidates(cfg, splits, args) -> None:
     """Each candidate change on its own: microseconds per training step (best of 5)."""
-    from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
-
-    from vaekit.models import build
-    from vaekit.objectives import elbo
-
     now = time.process_time if args.clock == "cpu" else time.perf_counter
 
     def us(f, n=100):
@@ -635,12 +630,19 @@ def candidates(cfg, splits, args) -> None:
         zero = torch.zeros(mu.shape[-1])
         kl_divergence(q, Independent(Normal(zero, torch.ones_like(zero), validate_args=False), 1)).sum().backward()
 
-    def kl_closed():
+    def kl_written_out():  # what elbo_closed does: same distributions, kl_normal_normal's formula inline
+        mu, logvar = h.chunk(2, -1)
+        q = Normal(mu, torch.exp(0.5 * logvar), validate_args=False)
+        zero = torch.zeros(mu.shape[-1])
+        kl_diag_normal(q, Normal(zero, torch.ones_like(zero), validate_args=False)).sum(-1).sum().backward()
+
+    def kl_standard():  # specialised to p = N(0, I): 0.5 Σ (μ² + σ² − 1 − log σ²)
         mu, logvar = h.chunk(2, -1)
         (0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(-1)).sum().backward()
 
-    rows.append(("KL: distributions + kl_divergence f+b", us(kl_dist)))
-    rows.append(("KL: closed form f+b", us(kl_closed)))
+    rows.append(("KL: Independent + kl_divergence f+b", us(kl_dist)))
+    rows.append(("KL: kl_normal_normal written out f+b", us(kl_written_out)))
+    rows.append(("KL: specialised to N(0, I) f+b", us(kl_standard)))
     for bf16 in (False, True):
         ac = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -751,7 +753,8 @@ def print_table(model: str, results: list[dict], args) -> None:
     plain = next((r for r in results if r["row"] == "plain" and key in r), None)
     t_limit = limit[key][0] if limit else math.nan
     t_plain = steady(plain[key]) if plain else math.nan
-    print(f"ratios use {args.clock} seconds")
+    print(f"ratios use {args.clock} seconds" + ("; ONE epoch: s/epoch includes warm-up and compilation"
+                                               if args.epochs == 1 else ""))
     print(f"{'row':18s} {'s/epoch':>8s} {'cpu s':>7s} {'1st ep':>7s} {'img/s':>8s} {'/limit':>7s} {'xplain':>7s} "
           f"{'valid ELBO':>10s} {'RSS GiB':>7s} {'others':>6s}  note")
     for r in results:
@@ -786,6 +789,7 @@ def main() -> None:
     p.add_argument("--candidates", action="store_true", help="add micro-benchmarks of each candidate change")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="seconds the ratios use; 'cpu' (with --threads 1) resists other processes' load")
+    p.add_argument("--repeat", type=int, default=1, help="run every row this many times (round-robin); keep the fastest")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                    help="before each row, wait up to S seconds for other processes to free its cores")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -813,12 +817,16 @@ def main() -> None:
         cfg = model_config(model, args)
         print(f"\n== {model}: {'-'.join(str(s) for s in [784, *cfg.model.hidden, cfg.model.latent_dim])} "
               f"{cfg.model.activation}, batch {cfg.train.batch_size}, dynamic binarization ==")
-        results = []
-        for row in rows:
-            results.append(run_child(row, model, args))
-            r = results[-1]
-            status = r.get("error") or f"{steady(r['seconds']):.3f} s/epoch"
-            print(f"  .. {row}: {status}", flush=True)
+        best: dict[str, dict] = {}
+        key = "cpu" if args.clock == "cpu" else "seconds"
+        for rep in range(args.repeat):  # rows round-robin, so slow drift of the host hits all rows alike
+            for row in rows:
+                r = run_child(row, model, args)
+                status = r.get("error") or f"{steady(r[key]):.3f} s/epoch ({args.clock})"
+                print(f"  .. {row}{f' (round {rep + 1})' if args.repeat > 1 else ''}: {status}", flush=True)
+                if row not in best or "error" in best[row] or ("error" not in r and steady(r[key]) < steady(best[row][key])):
+                    best[row] = r
+        results = [best[row] for row in rows]
         print_table(model, results, args)
         if args.profile:
             print(f"\nprofile ({model}, 100 steps after 20 warm-up):")

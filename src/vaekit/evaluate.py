@@ -118,63 +118,32 @@ def _draws(q: Distribution, k: int, chunk_size: int):
 class _BinaryBernoulli:
     """log p(x|z) for binary x under a Bernoulli decoder, faster than Bernoulli.log_prob.
 
-    log Bernoulli(x; logit l) = x·l − softplus(l) = −softplus(s·l) with s = 1 − 2x,
+    log Bernoulli(x; logit l) = x·l − softplus(l) = −softplus(s·l) with s = 1 − 2x:
     one multiply and one softplus (as logaddexp(·, 0)) over the (n, B, *shape)
     logits, where Bernoulli.log_prob (binary_cross_entropy_with_logits after
-    broadcasting x) makes about four passes. Both write into buffers kept from
-    chunk to chunk: on CPU a fresh multi-MiB tensor costs a page fault per 4 KiB
-    (glibc hands freed large blocks back to the kernel), which measured as much
-    as the arithmetic itself.
+    broadcasting x) makes about four passes. Both write into one buffer kept
+    from chunk to chunk: on CPU a fresh multi-MiB tensor costs a page fault per
+    4 KiB (glibc hands large freed blocks back to the kernel), which measured
+    as much as the arithmetic itself. In float32 (float64 for a float64 model),
+    also under bf16 autocast, where the model has cast its logits to float32.
 
-    bf16: the decoder's last matmul rounds the logits to bfloat16 (the model
-    then casts them to float32), so each logit is one of 2^16 values and
-    softplus(±l) can be looked up in a float32 table of all of them: the same
-    numbers the softplus would give, without an exp and a log1p per pixel. The
-    index is the logit's top 16 bits (a float32 holding a bf16 value has zero
-    low bits) + 32768, + 65536 where x = 1 to select softplus(−l). Used only if
-    the first chunk's logits really are bf16 values.
-
-    tests/test_evaluate.py checks both forms against Bernoulli.log_prob.
+    tests/test_evaluate.py checks it against Bernoulli.log_prob.
     """
 
-    def __init__(self, x: torch.Tensor, bf16: bool):
+    def __init__(self, x: torch.Tensor):
         self.sign = 1 - 2 * x  # (B, *shape)
-        self.table = self.offset = None
-        self.checked = False
-        self.buf: torch.Tensor | None = None  # (chunk, B, *shape) float32 scratch
-        self.idx: torch.Tensor | None = None  # (chunk, B, *shape) int32 scratch, bf16 only
-        if bf16:
-            v = torch.arange(-32768, 32768, dtype=torch.int32, device=x.device)
-            v = v.to(torch.int16).view(torch.bfloat16).float()  # every bf16 value, by signed bit pattern
-            self.table = torch.cat([F.softplus(v), F.softplus(-v)])  # (131072,)
-            self.offset = (32768 + 65536 * x).to(torch.int32)  # (B, *shape)
-
-    def _scratch(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        buf = getattr(self, name)
-        if buf is None or buf.shape[1:] != like.shape[1:] or len(buf) < len(like) or buf.dtype != dtype:
-            buf = torch.empty(like.shape, dtype=dtype, device=like.device)
-            setattr(self, name, buf)
-        return buf[:len(like)]
+        self.buf: torch.Tensor | None = None  # (chunk, B, *shape) scratch
 
     def __call__(self, p_x: Distribution) -> torch.Tensor | None:
         """(n, B) log-likelihoods, or None if p_x is not an Independent Bernoulli."""
         if not (isinstance(p_x, Independent) and isinstance(p_x.base_dist, Bernoulli)):
             return None
         logits, dims = p_x.base_dist.logits, p_x.reinterpreted_batch_ndims
-        if self.table is not None and logits.dtype == torch.float32:
-            bits = logits.view(torch.int32)
-            if not self.checked:
-                self.checked = True
-                if (bits & 0xFFFF).any():  # not bf16 values: the softplus form below
-                    self.table = None
-            if self.table is not None:
-                idx = torch.bitwise_right_shift(bits, 16, out=self._scratch("idx", bits, torch.int32))
-                idx += self.offset  # index into the table, (n, B, *shape)
-                val = self._scratch("buf", logits, torch.float32)
-                torch.index_select(self.table, 0, idx.view(-1), out=val.view(-1))
-                return -val.flatten(-dims).sum(-1)
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        y = torch.mul(logits, self.sign, out=self._scratch("buf", logits, dtype))
+        buf = self.buf
+        if buf is None or buf.shape[1:] != logits.shape[1:] or len(buf) < len(logits) or buf.dtype != dtype:
+            buf = self.buf = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        y = torch.mul(logits, self.sign, out=buf[:len(logits)])
         torch.logaddexp(y, y.new_zeros(()), out=y)  # softplus(y) = log(e^y + e^0)
         return -y.flatten(-dims).sum(-1)
 
@@ -221,7 +190,7 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, chunk_size: int | None = No
     chunk_size = min(chunk_size or default_chunk_size(batch, tuple(x.shape[1:])), k)
     autocast = _autocast(precision, device)
     binary = bool(((x == 0) | (x == 1)).all())
-    fast = _BinaryBernoulli(x, bf16=precision == "bf16") if binary else None
+    fast = _BinaryBernoulli(x) if binary else None
     bar = tqdm(total=k, unit="sample", disable=not progress, leave=False)
     acc = None  # running logsumexp of the log-weights so far, (B,)
     with _eval_mode(model), _seeded(seed, device):
