@@ -10,10 +10,11 @@ progress bar is refreshed.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -133,6 +134,41 @@ def _write_or_explain(run: Path, saved: dict | None, what: str, write: Callable[
                        "(free some disk space first).") from e
 
 
+@functools.cache
+def _onednn_keeps_fp32() -> bool:
+    """Whether oneDNN, allowed bf16 math, still computes fp32 matmuls in fp32 on this CPU (no AMX)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 784, generator=g), torch.randn(784, 400, generator=g)
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        got = a @ b
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+    exact = a.double() @ b.double()
+    return bool((got.double() - exact).norm() / exact.norm() < 1e-6)  # fp32: ~3e-7, bf16: ~3e-3
+
+
+@contextmanager
+def fast_fp32_matmuls(device: torch.device, batch_size: int):
+    """Workaround: run fp32 matmuls on oneDNN rather than MKL where oneDNN keeps them exact fp32.
+
+    On this AMD CPU MKL's sgemm reaches ~180 GFLOP/s on 2 cores, oneDNN's AVX-512 kernels ~330
+    (bench/train_speed.py). torch routes fp32 matmuls to oneDNN only when bf16 math is allowed,
+    so allow it, check the result is still fp32-exact (it would not be on a CPU with AMX), restore.
+    Small batches (< 64) are faster on MKL.
+    """
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    if device.type == "cpu" and batch_size >= 64 and _onednn_keeps_fp32():
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+
+
 def objective(model, x: torch.Tensor, tc: TrainConfig, step: int):
     """The loss parts of one batch at global step ``step`` (0-based), as ``tc`` says."""
     if tc.objective == "iwae":
@@ -173,7 +209,8 @@ def fit(
     n = len(data.x)
     steps_per_epoch = math.ceil(n / tc.batch_size)
 
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, foreach=True)
+    # fused: one vectorised kernel over all parameters (bench/train_speed.py: ~3x faster step than foreach on CPU)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=True)
     gen = torch.Generator().manual_seed(tc.seed)  # data order and binarization draws
     state = {"epoch": 0, "step": 0, "best_epoch": None, "best_valid_nelbo": None, "skipped_steps": 0,
              "skipped_in_a_row": 0}
@@ -211,94 +248,95 @@ def fit(
     )
     every = tc.checkpoint_every if run is not None else None
     schedule = lr_schedule(tc, steps_per_epoch * tc.epochs)
-    model.train()
-    for epoch in range(state["epoch"] + 1, tc.epochs + 1):
-        t0 = time.perf_counter()
-        if part is None:
-            order = torch.randperm(n, generator=gen).to(device)
-            sums = torch.zeros(3, device=device)  # recon, kl, examples
-            start, skipped, seconds = 0, 0, 0.0
-        else:  # continue the epoch where its checkpoint left it; the RNGs are already restored
-            order, sums, start, skipped, seconds = (part[k] for k in ("order", "sums", "index", "skipped", "seconds"))
-            part = None
-        bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress,
-                   leave=False, unit="step")
-        for i in range(start, steps_per_epoch):
-            idx = order[i * tc.batch_size : (i + 1) * tc.batch_size]
-            xb = data.x[idx].float().mul_(data.scale)  # (B, *shape) in [0, 1]
-            if data.dynamic:
-                xb = torch.bernoulli(xb, generator=gen if xb.device.type == "cpu" else None)
-            if schedule is not None:
-                for group in opt.param_groups:
-                    group["lr"] = schedule(state["step"] + i)
-            with autocast:
-                parts = objective(model, xb, tc, state["step"] + i)
-            loss = parts.loss.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip else None
-            )
-            # A non-finite loss or gradient skips the update (vdvae's training_step does the same).
-            finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss + grad_norm)
-            if finite:
-                state["skipped_in_a_row"] = 0
-                opt.step()
-                sums += torch.stack(
-                    [parts.distortion.detach().sum(), parts.rate.detach().sum(), loss.new_tensor(len(xb))])
-            else:
-                skipped += 1
-                state["skipped_in_a_row"] += 1
-                if state["skipped_in_a_row"] >= MAX_CONSECUTIVE_SKIPS:
-                    bar.close()
-                    raise RunError(
-                        f"training diverged: {state['skipped_in_a_row']} steps in a row had a non-finite loss "
-                        f"or gradient (epoch {epoch}). The last good checkpoint is intact; lower --lr or set a "
-                        "gradient clip (--set train.grad_clip=1.0), then train again.")
-            if every is not None and (state["step"] + i + 1) % every == 0 and i + 1 < steps_per_epoch:
-                # Mid-epoch checkpoint: the epoch's order, step index and running sums join the
-                # usual state, so a resume replays the rest of this epoch exactly.
-                part_state = {**state, "part": {"index": i + 1, "skipped": skipped, "batch_size": tc.batch_size,
-                                                "seconds": seconds + time.perf_counter() - t0}}
-                _write_or_explain(run, saved, f"the checkpoint at epoch {epoch}, step {i + 1}", lambda: save_state(
-                    run, model, opt, gen, part_state, {"epoch.order": order, "epoch.sums": sums}))
-                saved = {"epoch": epoch - 1, "index": i + 1}
-            if progress and ((i + 1) % BAR_EVERY == 0 or i + 1 == steps_per_epoch):
-                r, k, m = sums.tolist()
-                bar.set_postfix(nelbo=f"{(r + k) / max(m, 1):.2f}", refresh=False)
-                bar.update((i + 1) - bar.n)
-        bar.close()
-        r, k, m = sums.tolist()
-        valid = elbo_means(model, x_valid, tc.eval_batch_size, seed=tc.seed)
-        state["step"] += steps_per_epoch
-        state["skipped_steps"] += skipped
-        state["epoch"] = epoch
-        record = {
-            "epoch": epoch,
-            "step": state["step"],
-            "train_nelbo": (r + k) / max(m, 1),
-            "train_recon": r / max(m, 1),
-            "train_kl": k / max(m, 1),
-            **{f"valid_{key}": value for key, value in valid.items()},
-            "skipped_steps": skipped,
-            "seconds": seconds + time.perf_counter() - t0,
-        }
-        improved = state["best_valid_nelbo"] is None or valid["nelbo"] < state["best_valid_nelbo"]
-        if improved:
-            state["best_valid_nelbo"], state["best_epoch"] = valid["nelbo"], epoch
-        metrics.append(record)
-        if run is not None:
-            # state.safetensors is written last: it is the commit point. A crash before it
-            # redoes this epoch on resume, which rewrites the other files with the same bytes.
-            def write_epoch():
-                if improved:
-                    runs.save_weights(run / "model.safetensors", model)
-                runs.save_weights(run / "last.safetensors", model)
-                runs.write_text(run / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-                save_state(run, model, opt, gen, state)
+    with fast_fp32_matmuls(device, tc.batch_size):
+        model.train()
+        for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+            t0 = time.perf_counter()
+            if part is None:
+                order = torch.randperm(n, generator=gen).to(device)
+                sums = torch.zeros(3, device=device)  # recon, kl, examples
+                start, skipped, seconds = 0, 0, 0.0
+            else:  # continue the epoch where its checkpoint left it; the RNGs are already restored
+                order, sums, start, skipped, seconds = (part[k] for k in ("order", "sums", "index", "skipped", "seconds"))
+                part = None
+            bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress,
+                       leave=False, unit="step")
+            for i in range(start, steps_per_epoch):
+                idx = order[i * tc.batch_size : (i + 1) * tc.batch_size]
+                xb = data.x.index_select(0, idx).float().mul_(data.scale)  # (B, *shape) in [0, 1]
+                if data.dynamic:
+                    xb = torch.bernoulli(xb, generator=gen if xb.device.type == "cpu" else None)
+                if schedule is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = schedule(state["step"] + i)
+                with autocast:
+                    parts = objective(model, xb, tc, state["step"] + i)
+                loss = parts.loss.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip else None
+                )
+                # A non-finite loss or gradient skips the update (vdvae's training_step does the same).
+                finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss + grad_norm)
+                if finite:
+                    state["skipped_in_a_row"] = 0
+                    opt.step()
+                    sums += torch.stack(
+                        [parts.distortion.detach().sum(), parts.rate.detach().sum(), loss.new_tensor(len(xb))])
+                else:
+                    skipped += 1
+                    state["skipped_in_a_row"] += 1
+                    if state["skipped_in_a_row"] >= MAX_CONSECUTIVE_SKIPS:
+                        bar.close()
+                        raise RunError(
+                            f"training diverged: {state['skipped_in_a_row']} steps in a row had a non-finite loss "
+                            f"or gradient (epoch {epoch}). The last good checkpoint is intact; lower --lr or set a "
+                            "gradient clip (--set train.grad_clip=1.0), then train again.")
+                if every is not None and (state["step"] + i + 1) % every == 0 and i + 1 < steps_per_epoch:
+                    # Mid-epoch checkpoint: the epoch's order, step index and running sums join the
+                    # usual state, so a resume replays the rest of this epoch exactly.
+                    part_state = {**state, "part": {"index": i + 1, "skipped": skipped, "batch_size": tc.batch_size,
+                                                    "seconds": seconds + time.perf_counter() - t0}}
+                    _write_or_explain(run, saved, f"the checkpoint at epoch {epoch}, step {i + 1}", lambda: save_state(
+                        run, model, opt, gen, part_state, {"epoch.order": order, "epoch.sums": sums}))
+                    saved = {"epoch": epoch - 1, "index": i + 1}
+                if progress and ((i + 1) % BAR_EVERY == 0 or i + 1 == steps_per_epoch):
+                    r, k, m = sums.tolist()
+                    bar.set_postfix(nelbo=f"{(r + k) / max(m, 1):.2f}", refresh=False)
+                    bar.update((i + 1) - bar.n)
+            bar.close()
+            r, k, m = sums.tolist()
+            valid = elbo_means(model, x_valid, tc.eval_batch_size, seed=tc.seed)
+            state["step"] += steps_per_epoch
+            state["skipped_steps"] += skipped
+            state["epoch"] = epoch
+            record = {
+                "epoch": epoch,
+                "step": state["step"],
+                "train_nelbo": (r + k) / max(m, 1),
+                "train_recon": r / max(m, 1),
+                "train_kl": k / max(m, 1),
+                **{f"valid_{key}": value for key, value in valid.items()},
+                "skipped_steps": skipped,
+                "seconds": seconds + time.perf_counter() - t0,
+            }
+            improved = state["best_valid_nelbo"] is None or valid["nelbo"] < state["best_valid_nelbo"]
+            if improved:
+                state["best_valid_nelbo"], state["best_epoch"] = valid["nelbo"], epoch
+            metrics.append(record)
+            if run is not None:
+                # state.safetensors is written last: it is the commit point. A crash before it
+                # redoes this epoch on resume, which rewrites the other files with the same bytes.
+                def write_epoch():
+                    if improved:
+                        runs.save_weights(run / "model.safetensors", model)
+                    runs.save_weights(run / "last.safetensors", model)
+                    runs.write_text(run / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+                    save_state(run, model, opt, gen, state)
 
-            _write_or_explain(run, saved, f"the checkpoint of epoch {epoch}", write_epoch)
-            saved = {"epoch": epoch, "index": None}
-        if on_epoch is not None:
-            on_epoch(record)
+                _write_or_explain(run, saved, f"the checkpoint of epoch {epoch}", write_epoch)
+                saved = {"epoch": epoch, "index": None}
+            if on_epoch is not None:
+                on_epoch(record)
     return metrics
