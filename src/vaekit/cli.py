@@ -98,7 +98,7 @@ def _save_figures(run: Path, figs: dict) -> None:
 
 def finish_run(run: Path, *, progress: bool = True) -> dict:
     """After training: test ELBO of the best weights, figures, summary.json and report.html."""
-    from vaekit import figures, report
+    from vaekit import figures
     from vaekit.data import load_data
     from vaekit.train import elbo_means, eval_set
 

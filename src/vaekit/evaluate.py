@@ -22,12 +22,11 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
-from torch.distributions import Bernoulli, Distribution, Independent, kl_divergence
+from torch.distributions import Bernoulli, Distribution, Independent
 from tqdm.auto import tqdm
 
 from vaekit.errors import ConfigError
-from vaekit.objectives import elbo
+from vaekit.objectives import elbo, kl_per_dim
 
 ESTIMATOR = "importance sampling, proposal q(z|x)"
 PRECISIONS = ("fp32", "bf16")
@@ -297,8 +296,7 @@ def _kl_per_dim(q: Distribution, prior: Distribution) -> torch.Tensor | None:
     """(B, D) closed-form KL per latent dimension, or None if either side is not Independent."""
     if not (isinstance(q, Independent) and isinstance(prior, Independent)):
         return None
-    kl = kl_divergence(q.base_dist, prior.base_dist)  # (B, *event_shape)
-    return kl.flatten(1).double().cpu()
+    return kl_per_dim(q, prior).flatten(1).double().cpu()
 
 
 @torch.no_grad()

@@ -99,12 +99,6 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line by rewriting the file atomically (metrics files are small)."""
-    old = Path(path).read_text() if Path(path).exists() else ""
-    write_text(path, old + json.dumps(record) + "\n")
-
-
 def read_jsonl(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []
