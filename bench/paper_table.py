@@ -35,10 +35,9 @@ PAPER = {
     (2, "vae", 1): 85.33, (2, "vae", 5): 85.01, (2, "vae", 50): 84.78,
     (2, "iwae", 1): 85.33, (2, "iwae", 5): 83.89, (2, "iwae", 50): 82.90,
 }
-# Rows our objectives can train today: the VAE with k = 1, and IWAE with any k.
-# (The paper's "VAE, k > 1" averages k single-sample ELBOs; not implemented yet.)
-SUPPORTED = [f"{'vae' if obj == 'vae' else 'iwae'}-{layers}l-k{k}" for (layers, obj, k) in PAPER
-             if obj == "iwae" or k == 1]
+# With k = 1 the IWAE is the VAE: those two rows are one run, named vae-*-k1.
+ROWS = [f"{obj}-{layers}l-k{k}" for (layers, obj, k) in PAPER if obj == "vae" or k > 1]
+CURVE_EPOCHS = {1, 2, 3, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500}
 
 
 def parse_row(name: str) -> tuple[int, str, int]:
@@ -46,12 +45,21 @@ def parse_row(name: str) -> tuple[int, str, int]:
     return int(layers[0]), obj, int(k[1:])
 
 
-def row_config(name: str, epochs: int, batch_size: int, lr: float) -> RunConfig:
+def row_config(name: str, args) -> RunConfig:
+    """The paper's architecture and protocol for one row, with our training recipe from ``args``."""
     layers, obj, k = parse_row(name)
     base = merge(RunConfig().to_dict(), preset("iwae-1l" if layers == 1 else "iwae-2l"))
-    train = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "lr_schedule": "cosine", "lr_min": lr / 100,
-             "objective": "iwae" if k > 1 else "elbo", "k": k}
+    # "VAE, k samples" is the ELBO with its reconstruction term averaged over k draws.
+    train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
+             "lr_min": args.lr * args.lr_min_factor, "objective": "iwae" if obj == "iwae" and k > 1 else "elbo",
+             "k": k, "warmup_steps": args.warmup if obj == "vae" else 0}
     return RunConfig.from_dict(merge(base, {"train": train, "preset": f"paper-{name}"}))
+
+
+def curve_point(model, x_curve: torch.Tensor, epoch: int, k: int) -> dict:
+    ev = evaluate(model, x_curve, k=k, seed=0, progress=False)
+    return {"epoch": epoch, "nll": ev["nll"], "nll_stderr": ev["nll_stderr"], "nelbo": ev["nelbo"],
+            "active_units": ev["active_units"], "n_images": len(x_curve), "k": k}
 
 
 def run_row(name: str, out: Path, args, splits) -> dict:
@@ -59,7 +67,7 @@ def run_row(name: str, out: Path, args, splits) -> dict:
     result_path = run / "paper_result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    cfg = row_config(name, args.epochs, args.batch_size, args.lr)
+    cfg = row_config(name, args)
     cfg = cfg.replace(model={"input_shape": list(splits.train.shape)})
     resume = (run / "state.safetensors").exists()
     if resume and runs.load_config(run) != cfg:
@@ -68,42 +76,95 @@ def run_row(name: str, out: Path, args, splits) -> dict:
         run.mkdir(parents=True, exist_ok=True)
         runs.save_config(run, cfg)
     model = build(cfg.model, seed=cfg.train.seed)
+    x_test = eval_set(splits.test, cfg.data)
+    x_curve = x_test[: args.curve_images]
+    curve_path = run / "curve.jsonl"
+
+    def on_epoch(r: dict) -> None:
+        line = f"   epoch {r['epoch']:>4}  train loss {r['train_loss']:.2f}  valid -ELBO {r['valid_nelbo']:.2f}"
+        if "valid_iwae_loss" in r:
+            line += f"  valid -L_{cfg.train.k} {r['valid_iwae_loss']:.2f}"
+        if r["epoch"] in CURVE_EPOCHS or r["epoch"] == cfg.train.epochs:
+            # The test NLL of the weights as they are now, on the first --curve-images test images.
+            point = curve_point(model, x_curve, r["epoch"], args.k)
+            kept = [c for c in runs.read_jsonl(curve_path) if c["epoch"] < r["epoch"]] if curve_path.exists() else []
+            runs.write_text(curve_path, "".join(json.dumps(c) + "\n" for c in [*kept, point]))
+            line += f"  test NLL ({len(x_curve)} images) {point['nll']:.2f}"
+        print(line + f"  {r['seconds']:.1f}s", flush=True)
+
     t0 = time.perf_counter()
     print(f"== {name}: training {cfg.train.epochs} epochs" + (" (resuming)" if resume else ""), flush=True)
-    metrics = fit(model, cfg, splits, run, resume=resume, progress=args.progress,
-                  on_epoch=lambda r: print(f"   epoch {r['epoch']:>4}  valid -ELBO {r['valid_nelbo']:.2f}  "
-                                           f"{r['seconds']:.1f}s", flush=True) if r["epoch"] % 10 == 0 else None)
+    metrics = fit(model, cfg, splits, run, resume=resume, progress=args.progress, on_epoch=on_epoch)
     train_seconds = sum(m["seconds"] for m in metrics)
     t1 = time.perf_counter()
-    best = runs.load(run)  # the best epoch by validation ELBO
-    x_test = eval_set(splits.test, cfg.data)
+    best = runs.load(run)  # the best epoch by the validation objective
     ev = evaluate(best, x_test, k=args.k, precision=args.precision, seed=0, progress=args.progress)
+    tc = cfg.train
     result = {
-        "row": name, "epochs": len(metrics), "train_seconds": round(train_seconds, 1),
+        "row": name, "epochs": len(metrics), "best_epoch": min(metrics, key=lambda m: m.get(
+            "valid_iwae_loss", m["valid_nelbo"]))["epoch"],
+        "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(time.perf_counter() - t1, 1), "nll": ev["nll"], "nll_stderr": ev["nll_stderr"],
         "nelbo": ev["nelbo"], "active_units": ev["active_units"], "k_eval": args.k, "precision": args.precision,
-        "session_seconds": round(time.perf_counter() - t0, 1),
+        "recipe": {"batch_size": tc.batch_size, "lr": tc.lr, "lr_min": tc.lr_min, "schedule": tc.lr_schedule,
+                   "warmup_steps": tc.warmup_steps, "objective": tc.objective, "k": tc.k},
+        "threads": torch.get_num_threads(), "session_seconds": round(time.perf_counter() - t0, 1),
     }
     runs.write_json(result_path, result)
     return result
 
 
+def figure(out: Path, path: Path) -> None:
+    """Test NLL against epochs for every row under ``out`` that has a curve, beside the paper's numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, curve_path in enumerate(sorted(out.glob("*/curve.jsonl"))):
+        name = curve_path.parent.name
+        pts = runs.read_jsonl(curve_path)
+        color = f"C{i}"
+        ax.plot([p["epoch"] for p in pts], [p["nll"] for p in pts], "o-", color=color, label=name, ms=3)
+        ax.axhline(PAPER[parse_row(name)], color=color, ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("epoch (passes over the 50k training images)")
+    ax.set_ylabel("test NLL, nats (k = 5000, first 1000 test images)")
+    ax.set_title("Progress toward Burda et al. 2015, Table 1 (dotted: the paper after 3280 passes)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", nargs="+", default=["vae-1l-k1"], help=f"'all' or any of: {', '.join(SUPPORTED)}")
+    ap.add_argument("--rows", nargs="+", default=["vae-1l-k1"], help=f"'all' or any of: {', '.join(ROWS)}")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-min-factor", type=float, default=0.01, help="cosine schedule ends at lr times this")
+    ap.add_argument("--warmup", type=int, default=0, help="KL warm-up steps for the VAE rows (0: none)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--curve-images", type=int, default=1000,
+                    help="test images for the NLL-vs-epoch curve, measured at epochs 1, 2, 3, 5, 10, 20, ...")
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="only draw the NLL-vs-epoch figure of the rows under --out into this file")
     ap.add_argument("--k", type=int, default=5000, help="importance samples for the test NLL (paper: 5000)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
-    rows = SUPPORTED if args.rows == ["all"] else args.rows
-    unknown = [r for r in rows if r not in SUPPORTED]
+    if args.figure is not None:
+        return figure(args.out, args.figure)
+    rows = ROWS if args.rows == ["all"] else args.rows
+    unknown = [r for r in rows if r not in ROWS]
     if unknown:
-        sys.exit(f"unknown or unsupported rows {unknown}; choose from {SUPPORTED}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+        sys.exit(f"unknown rows {unknown}; choose from {ROWS}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     splits = load_data("mnist")
     results = [run_row(r, args.out, args, splits) for r in rows]
     print(f"\n{'row':<14}{'epochs':>7}{'NLL (ours)':>14}{'paper':>8}{'gap':>8}{'train s':>9}{'eval s':>8}")

@@ -7,7 +7,7 @@ from vaekit import generate, runs
 from vaekit.config import ModelConfig, RunConfig
 from vaekit.evaluate import log_px
 from vaekit.models import REGISTRY, build
-from vaekit.objectives import elbo, iwae
+from vaekit.objectives import decode, elbo, encode, iwae
 
 TINY = {
     "mlp": dict(hidden=(16,), latent_dim=3),
@@ -16,34 +16,44 @@ TINY = {
     "poor-man": dict(hidden=(16,), latent_dim=3, likelihood="gaussian", sigma=0.5),
 }
 SHAPE = (1, 9, 7)  # odd sizes on purpose: nothing may assume 28×28
+# Every architecture, and the conditional (labelled) variants of those that have one.
+CASES = {arch: ModelConfig(arch=arch, input_shape=SHAPE, **tiny) for arch, tiny in TINY.items()} | {
+    f"{arch}-conditional": ModelConfig(arch=arch, input_shape=SHAPE, n_classes=3, **TINY[arch])
+    for arch in ("mlp", "conv")
+}
 
 
 def test_every_registered_model_has_a_tiny_config():
     assert set(TINY) == set(REGISTRY)
 
 
-@pytest.fixture(params=sorted(REGISTRY))
+@pytest.fixture(params=sorted(CASES))
 def cfg(request):
-    return ModelConfig(arch=request.param, input_shape=SHAPE, **TINY[request.param])
+    return CASES[request.param]
+
+
+def labels(cfg, n):
+    return torch.arange(n) % cfg.n_classes if cfg.n_classes else None
 
 
 def test_contract(cfg, tmp_path):
     torch.manual_seed(0)
     model = build(cfg, seed=0)
     x = torch.rand(16, *SHAPE).round()
+    y = labels(cfg, 16)
 
     # the interface: distributions with the right shapes
-    q = model.encode(x)
+    q = encode(model, x, y)
     assert q.batch_shape == (16,) and q.event_shape == (model.latent_dim,)
     z = q.rsample((3,))
     assert z.shape == (3, 16, model.latent_dim)
-    assert model.decode(z).log_prob(x).shape == (3, 16)
+    assert decode(model, z, y).log_prob(x).shape == (3, 16)
     assert model.prior().log_prob(z).shape == (3, 16)
 
     # a train step changes the weights
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    elbo(model, x).loss.mean().backward()
+    elbo(model, x, y=y).loss.mean().backward()
     opt.step()
     assert all(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if v.dtype.is_floating_point)
 
@@ -52,28 +62,29 @@ def test_contract(cfg, tmp_path):
     runs.save_weights(tmp_path / "model.safetensors", model)
     again = runs.load(tmp_path)
     model.eval()
-    assert torch.equal(generate.reconstruct(model, x), generate.reconstruct(again, x))
+    assert torch.equal(generate.reconstruct(model, x, y), generate.reconstruct(again, x, y))
     assert torch.equal(generate.sample(model, 5, seed=1), generate.sample(again, 5, seed=1))
 
     # samples, reconstructions, and a finite log p(x) estimate that bounds the ELBO from above on average
     assert generate.sample(model, 5, seed=1).shape == (5, *SHAPE)
-    assert generate.reconstruct(model, x).shape == x.shape
-    lp = log_px(model, x, k=200)
+    assert generate.reconstruct(model, x, y).shape == x.shape
+    lp = log_px(model, x, k=200, y=y)
     assert lp.shape == (16,) and torch.isfinite(lp).all()
     with torch.no_grad():
-        elbos = torch.stack([elbo(model, x).elbo for _ in range(50)]).mean(0)
+        elbos = torch.stack([elbo(model, x, y=y).elbo for _ in range(50)]).mean(0)
     assert lp.mean() > elbos.mean()
 
 
 def test_iwae_k1_is_the_elbo_on_the_same_sample(cfg):
     model = build(cfg, seed=0)
     x = torch.rand(8, *SHAPE).round()
+    y = labels(cfg, 8)
     torch.manual_seed(3)
-    parts = iwae(model, x, 1)
+    parts = iwae(model, x, 1, y)
     torch.manual_seed(3)
-    q = model.encode(x)
+    q = encode(model, x, y)
     z = q.rsample((1,))[0]
     # ELBO on that sample: log p(x|z) − [log q(z|x) − log p(z)]
-    expected = model.decode(z).log_prob(x) - (q.log_prob(z) - model.prior().log_prob(z))
+    expected = decode(model, z, y).log_prob(x) - (q.log_prob(z) - model.prior().log_prob(z))
     torch.testing.assert_close(parts.elbo_k, expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(parts.elbo_k, -(parts.distortion + parts.rate), rtol=1e-5, atol=1e-4)

@@ -290,3 +290,30 @@ def test_warmup_and_cosine_schedule_values():
         torch.manual_seed(0)
         parts = objective(model, x, cfg.train, step)
         torch.testing.assert_close(parts.loss, parts.distortion + beta * parts.rate)
+
+
+def test_iwae_runs_pick_their_best_epoch_by_the_validation_bound(tmp_path):
+    cfg = toy_config(epochs=3, objective="iwae", k=4)
+    metrics = fit(build(cfg.model, seed=0), cfg, toy_splits(), tmp_path, progress=False)
+    for m in metrics:
+        assert m["valid_iwae_loss"] <= m["valid_nelbo"] + 1e-6  # −L_k ≤ −ELBO on the same images
+        assert m["train_loss"] <= m["train_nelbo"] + 1e-6  # −L_k ≤ the k-sample average −ELBO
+    state = _state_meta(tmp_path)[0]
+    best = min(metrics, key=lambda m: m["valid_iwae_loss"])
+    assert state["best_epoch"] == best["epoch"]
+    assert state["best_valid_nelbo"] == pytest.approx(best["valid_iwae_loss"])
+
+
+def test_elbo_runs_record_no_iwae_bound(tmp_path):
+    cfg = toy_config(epochs=1)
+    (m,) = fit(build(cfg.model, seed=0), cfg, toy_splits(), tmp_path, progress=False)
+    assert "valid_iwae_loss" not in m and m["train_loss"] == pytest.approx(m["train_nelbo"])
+
+
+def test_denormals_are_flushed_while_training_and_restored_after():
+    tiny = torch.tensor([1e-40])  # a float32 denormal
+    with train.flush_denormals():
+        flushed = (tiny * 1.0).item()
+    assert (tiny * 1.0).item() > 0
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":  # x86 with SSE3: flushing is supported
+        assert flushed == 0.0

@@ -19,7 +19,7 @@ import typer
 
 from vaekit import __version__, runs
 from vaekit.config import PRESET_SOURCES, PRESETS, RunConfig, merge, preset
-from vaekit.errors import ConfigError, RunError, VaekitError
+from vaekit.errors import ConfigError, DataError, RunError, VaekitError
 
 app = typer.Typer(
     help="Variational autoencoders: train, sample, evaluate log p(x), plot and compare.",
@@ -100,7 +100,7 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
     """After training: test ELBO of the best weights, figures, summary.json and report.html."""
     from vaekit import figures
     from vaekit.data import load_data
-    from vaekit.train import elbo_means, eval_set
+    from vaekit.train import elbo_means, eval_set, labels_for
 
     cfg = runs.load_config(run)
     model = runs.load(run)
@@ -109,14 +109,15 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
     split, ds = ("test", splits.test) if splits.test is not None else ("valid", splits.valid)
     x = eval_set(ds, cfg.data)
     metrics = runs.read_jsonl(run / "metrics.jsonl")
-    ev = elbo_means(model, x, cfg.train.eval_batch_size, seed=cfg.train.seed)
+    ev = elbo_means(model, x, cfg.train.eval_batch_size, seed=cfg.train.seed, y=labels_for(ds, cfg.model))
     old = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     summary = {
         **old,
         "latent_dim": cfg.model.latent_dim,
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": len(metrics),
-        "best_epoch": min(metrics, key=lambda m: m["valid_nelbo"])["epoch"] if metrics else None,
+        "best_epoch": min(metrics, key=lambda m: m.get("valid_iwae_loss", m["valid_nelbo"]))["epoch"]
+        if metrics else None,
         "train_seconds": round(sum(m["seconds"] for m in metrics), 2),
         split: {"elbo": -ev["nelbo"], **ev, "n_images": len(x), "binarization": cfg.data.binarize,
                 "binarize_seed": cfg.data.binarize_seed, "estimator": "ELBO, 1 sample of z per image"},
@@ -164,6 +165,8 @@ def train(
     warmup: Optional[int] = typer.Option(None, "--warmup", help="KL warm-up: β rises linearly over N steps."),
     free_bits: Optional[float] = typer.Option(None, "--free-bits", help="Floor (nats) on each latent dim's KL."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant or cosine."),
+    conditional: bool = typer.Option(False, "--conditional", help="A conditional VAE: encoder and decoder "
+                                     "given the label (classes counted from the data's labels)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config.json to start from."),
     set_: List[str] = typer.Option([], "--set", help="Any config field: --set model.activation=tanh."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N "
@@ -175,7 +178,7 @@ def train(
     """Train a VAE and write a run directory with weights, metrics, figures and a report."""
     from vaekit.data import check_unit_range, load_data
     from vaekit.models import build
-    from vaekit.train import fit
+    from vaekit.train import fit, labels_for
 
     if resume:
         given = [flag for flag, value in [
@@ -184,7 +187,8 @@ def train(
             ("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr), ("--beta", beta), ("--seed", seed),
             ("--subset", subset), ("--precision", precision), ("--config", config_file), ("--set", set_ or None),
             ("--checkpoint-every", checkpoint_every), ("--objective", objective), ("--k", k), ("--warmup", warmup),
-            ("--free-bits", free_bits), ("--lr-schedule", lr_schedule)] if value is not None]
+            ("--free-bits", free_bits), ("--lr-schedule", lr_schedule),
+            ("--conditional", conditional or None)] if value is not None]
         if given:
             raise ConfigError(f"--resume continues the run with its saved {out / 'config.json'}, so "
                               f"{', '.join(given)} would be ignored; drop them (or edit config.json).")
@@ -236,6 +240,13 @@ def train(
         raise ConfigError(f"--batch-size {cfg.train.batch_size} is larger than the {len(splits.train)} training "
                           "examples; use a smaller batch.")
     cfg = cfg.replace(model={"input_shape": list(splits.train.shape)})
+    if conditional and not cfg.model.n_classes:
+        if splits.train.y is None:
+            raise DataError(f"--conditional needs labels, and {cfg.data.source} has none (an .npz needs a 'y' "
+                            "array; an image folder, one subfolder per class).")
+        cfg = cfg.replace(model={"n_classes": max(2, int(splits.train.y.max()) + 1)})
+    for ds in (splits.train, splits.valid):
+        labels_for(ds, cfg.model)  # a conditional model: labels present and in range, before anything is written
     model = build(cfg.model, seed=cfg.train.seed).to(_device(device))
     has_checkpoint = (out / "state.safetensors").is_file()
     if resume and not has_checkpoint:
@@ -247,7 +258,9 @@ def train(
         fit(model, cfg, splits, out, resume=resume and has_checkpoint, progress=progress,
             on_epoch=lambda r: typer.echo(
                 f"epoch {r['epoch']:>3}  train -ELBO {r['train_nelbo']:.2f}  valid -ELBO {r['valid_nelbo']:.2f} "
-                f"(recon {r['valid_recon']:.2f}, KL {r['valid_kl']:.2f})  {r['seconds']:.1f}s", err=True))
+                f"(recon {r['valid_recon']:.2f}, KL {r['valid_kl']:.2f})"
+                + (f"  valid -L_{cfg.train.k} {r['valid_iwae_loss']:.2f}" if "valid_iwae_loss" in r else "")
+                + f"  {r['seconds']:.1f}s", err=True))
     except Exception:
         if not resume and not (out / "state.safetensors").is_file():
             runs.discard_run(out, created)  # failed before its first checkpoint: nothing worth keeping
@@ -260,8 +273,9 @@ def train(
 
 # ----------------------------------------------------------------------------- use a run
 def _eval_images(run: Path, split: str, limit: Optional[int] = None):
+    """(config, images, labels) of a run's split; labels only for a conditional model."""
     from vaekit.data import load_data
-    from vaekit.train import eval_set
+    from vaekit.train import eval_set, labels_for
 
     cfg = runs.load_config(run)
     splits = load_data(cfg.data.source, subset=cfg.data.subset, valid_fraction=cfg.data.valid_fraction,
@@ -273,7 +287,7 @@ def _eval_images(run: Path, split: str, limit: Optional[int] = None):
         raise VaekitError(f"this data set has no {split} split; use --split valid.")
     if limit is not None:
         ds = ds.take(slice(0, limit))
-    return cfg, eval_set(ds, cfg.data), ds.y
+    return cfg, eval_set(ds, cfg.data), labels_for(ds, cfg.model)
 
 
 @app.command()
@@ -281,13 +295,15 @@ def sample(
     run: Path = typer.Argument(..., help="Run directory."),
     n: int = typer.Option(64, "--n", help="How many samples."),
     seed: int = typer.Option(0, "--seed"),
+    label: Optional[int] = typer.Option(None, "--label", help="Conditional models: the class to draw "
+                                        "(default: every class in turn)."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/samples.png)."),
 ) -> None:
     """Decode z ~ N(0, I) into a grid of images."""
     from vaekit import generate, plots
 
     model = runs.load(run)
-    imgs = generate.sample(model, n, seed=seed)
+    imgs = generate.sample(model, n, seed=seed, label=label)
     path = out or Path(run) / "samples.png"
     _save_figures(path.parent, {path.name: plots.samples(imgs)})
     typer.echo(str(path))
@@ -304,9 +320,9 @@ def reconstruct(
     from vaekit import generate, plots
 
     model = runs.load(run)
-    _, x, _ = _eval_images(run, split, limit=n)
+    _, x, y = _eval_images(run, split, limit=n)
     path = out or Path(run) / "reconstructions.png"
-    _save_figures(path.parent, {path.name: plots.reconstructions(x, generate.reconstruct(model, x))})
+    _save_figures(path.parent, {path.name: plots.reconstructions(x, generate.reconstruct(model, x, y))})
     typer.echo(str(path))
 
 
@@ -339,11 +355,14 @@ def eval_(
         raise VaekitError(f"--split must be valid or test, got '{split}'.")
     if k < 1 or (limit is not None and limit < 1):
         raise VaekitError("--k and --limit must be at least 1.")
-    cfg, x, _ = _eval_images(run, split, limit)
+    cfg, x, y = _eval_images(run, split, limit)
     model = runs.load(run, device=_device(device))
-    result = evaluate(model, x, k=k, precision=precision, seed=seed, progress=progress)
+    result = evaluate(model, x, y_all=y, k=k, precision=precision, seed=seed, progress=progress)
+    chosen_by = f"validation -L_{cfg.train.k}" if cfg.train.objective == "iwae" else "validation ELBO"
     result.update(split=split, binarization=cfg.data.binarize, binarize_seed=cfg.data.binarize_seed, seed=seed,
-                  weights="model.safetensors (best epoch by validation ELBO)")
+                  weights=f"model.safetensors (best epoch by {chosen_by})")
+    if y is not None:
+        result["note"] = "a conditional model: nll is -log p(x|y), given each image's label"
     if cfg.train.objective == "norm-penalty":
         result["note"] = (f"trained with a norm penalty, not an ELBO: nll is -log p(x) under the implied model "
                           f"z ~ N(0, I), x ~ N(decoder(z), {cfg.model.sigma}^2 I), with N(f(x), I) as the proposal")
@@ -378,14 +397,14 @@ def compare(
     rows, table = [], []
     x0 = None
     for run in run_dirs:
-        cfg, x, _ = _eval_images(run, "auto", limit=n)
+        cfg, x, y = _eval_images(run, "auto", limit=n)
         summary = json.loads((Path(run) / "summary.json").read_text()) if (Path(run) / "summary.json").exists() else {}
         split = "test" if "test" in summary else "valid"
         elbo_value = summary.get(split, {}).get("elbo", float("nan"))
         x0 = x if x0 is None else x0
         if x.shape[1:] != x0.shape[1:]:
             raise VaekitError(f"{run} was trained on images of shape {tuple(x.shape[1:])}, unlike the other runs.")
-        rows.append((f"{Path(run).name} (z={cfg.model.latent_dim})", generate.reconstruct(runs.load(run), x0),
+        rows.append((f"{Path(run).name} (z={cfg.model.latent_dim})", generate.reconstruct(runs.load(run), x0, y),
                      elbo_value))
         table.append((Path(run).name, os.path.relpath(Path(run) / "report.html", out),
                       {"latent_dim": cfg.model.latent_dim, **summary}))

@@ -26,7 +26,7 @@ from torch.distributions import Bernoulli, Distribution, Independent
 from tqdm.auto import tqdm
 
 from vaekit.errors import ConfigError
-from vaekit.objectives import elbo, kl_per_dim
+from vaekit.objectives import decode, elbo, encode, kl_per_dim
 
 ESTIMATOR = "importance sampling, proposal q(z|x)"
 PRECISIONS = ("fp32", "bf16")
@@ -148,12 +148,12 @@ class _BinaryBernoulli:
 
 
 def _log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,
-                 fast: _BinaryBernoulli | None = None) -> torch.Tensor:
+                 fast: _BinaryBernoulli | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x|z) + log p(z) − log q(z|x) for z of shape (n, B, D): returns (n, B).
 
     objectives.log_weights, with log p(x|z) from `fast` where it applies.
     """
-    p_x = model.decode(z)
+    p_x = decode(model, z, y)
     log_lik = fast(p_x) if fast is not None else None
     if log_lik is None:
         log_lik = p_x.log_prob(x)
@@ -161,12 +161,13 @@ def _log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,
 
 
 @torch.no_grad()
-def log_px(model, x: torch.Tensor, k: int = 5000, *, chunk_size: int | None = None,
+def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = None, chunk_size: int | None = None,
            precision: str = "fp32", progress: bool = False, seed: int | None = None) -> torch.Tensor:
     """Importance-sampled estimates of log p(x), shape (B,), for a batch x of shape (B, *shape).
 
     log p̂(x) = logsumexp_i log w_i − log k, w_i = p(x, z_i) / q(z_i|x), z_i ~ q(z|x),
-    i = 1..k (Burda et al. 2015). x is encoded once; the k samples are decoded
+    i = 1..k (Burda et al. 2015); for a conditional model, log p(x|y) given labels y (B,).
+    x is encoded once; the k samples are decoded
     `chunk_size` at a time for all B images together (default: as many as keep
     the decoder output near CHUNK_BYTES), and the chunks are combined by a
     running logsumexp, in float32 (float64 if the model computes in float64).
@@ -183,6 +184,7 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, chunk_size: int | None = No
         raise ConfigError(f"chunk_size must be a whole number >= 1 or None, got {chunk_size!r}.")
     device = _device(model)
     x = x.to(device)
+    y = None if y is None else y.to(device)
     batch = x.shape[0]
     if batch == 0:
         return x.new_zeros(0, dtype=torch.promote_types(x.dtype, torch.float32))
@@ -193,10 +195,10 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, chunk_size: int | None = No
     bar = tqdm(total=k, unit="sample", disable=not progress, leave=False)
     acc = None  # running logsumexp of the log-weights so far, (B,)
     with _eval_mode(model), _seeded(seed, device):
-        q = model.encode(x)  # batch shape (B,); full precision whatever `precision`: it runs once
+        q = encode(model, x, y)  # batch shape (B,); full precision whatever `precision`: it runs once
         with autocast:  # entered once, so each weight is cast to bf16 once
             for z in _draws(q, k, chunk_size):  # z: (n, B, D)
-                lw = _log_weights(model, x, q, z, fast)  # (n, B)
+                lw = _log_weights(model, x, q, z, fast, y)  # (n, B)
                 part = torch.logsumexp(lw.to(torch.promote_types(lw.dtype, torch.float32)), dim=0)
                 acc = part if acc is None else torch.logaddexp(acc, part)
                 bar.update(len(z))
@@ -226,8 +228,9 @@ def default_batch_size(k: int, shape: tuple[int, ...]) -> int:
 
 
 @torch.no_grad()
-def estimate_nll(model, x_all: torch.Tensor, k: int = 5000, *, batch_size: int | None = None,
-                 precision: str = "fp32", progress: bool = True, seed: int | None = 0) -> dict:
+def estimate_nll(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Tensor | None = None,
+                 batch_size: int | None = None, precision: str = "fp32", progress: bool = True,
+                 seed: int | None = 0) -> dict:
     """The test-set mean of −log p̂(x) (log_px with k samples), in nats, with its standard error.
 
     x_all (N, *shape) may live on the CPU; batches are moved to the model's device.
@@ -243,7 +246,8 @@ def estimate_nll(model, x_all: torch.Tensor, k: int = 5000, *, batch_size: int |
     with _eval_mode(model), _seeded(seed, device):
         bar = tqdm(total=n, unit="img", disable=not progress, desc=f"log p(x), k={k}")
         for rows in _batches(n, batch_size):
-            parts.append(log_px(model, _as_float(x_all[rows]), k, precision=precision).double().cpu())
+            parts.append(log_px(model, _as_float(x_all[rows]), k, y=_rows(y_all, rows),
+                                precision=precision).double().cpu())
             bar.update(rows.stop - rows.start)
         bar.close()
     nll = -torch.cat(parts)
@@ -257,12 +261,17 @@ def estimate_nll(model, x_all: torch.Tensor, k: int = 5000, *, batch_size: int |
     }
 
 
+def _rows(y_all: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if y_all is None else y_all[rows]
+
+
 def _stderr(v: torch.Tensor) -> float:
     return (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
 
 
 @torch.no_grad()
-def elbo_terms(model, x_all: torch.Tensor, *, batch_size: int = 1000, seed: int | None = 0) -> dict:
+def elbo_terms(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None, batch_size: int = 1000,
+               seed: int | None = 0) -> dict:
     """Means over the set of −ELBO, its reconstruction term and its KL, in nats.
 
     One z-sample per image (from a forked RNG seeded with `seed`), closed-form KL.
@@ -274,11 +283,12 @@ def elbo_terms(model, x_all: torch.Tensor, *, batch_size: int = 1000, seed: int 
     with _eval_mode(model), _seeded(seed, device):
         for rows in _batches(len(x_all), batch_size):
             x = _as_float(x_all[rows]).to(device)
-            parts = elbo(model, x)
+            y = None if y_all is None else y_all[rows].to(device)
+            parts = elbo(model, x, y=y)
             nelbo.append(-parts.elbo.double().cpu())
             recon.append(parts.distortion.double().cpu())
             kl.append(parts.rate.double().cpu())
-            kl_dims.append(_kl_per_dim(model.encode(x), model.prior()))
+            kl_dims.append(_kl_per_dim(encode(model, x, y), model.prior()))
     nelbo = torch.cat(nelbo)
     out = {
         "nelbo": nelbo.mean().item(),
@@ -300,8 +310,8 @@ def _kl_per_dim(q: Distribution, prior: Distribution) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def active_units(model, x_all: torch.Tensor, threshold: float = 0.01,
-                 batch_size: int = 1000) -> tuple[int, torch.Tensor]:
+def active_units(model, x_all: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000,
+                 y_all: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
     """Burda et al. 2015, §5.2: A_u = Cov_x(E_q[u]) > threshold, per latent dimension.
 
     Returns (number of active dims, (D,) float64 variances over x of q's mean;
@@ -311,7 +321,8 @@ def active_units(model, x_all: torch.Tensor, threshold: float = 0.01,
     means = []
     with _eval_mode(model):
         for rows in _batches(len(x_all), batch_size):
-            means.append(model.encode(_as_float(x_all[rows]).to(device)).mean.double().cpu())
+            y = None if y_all is None else y_all[rows].to(device)
+            means.append(encode(model, _as_float(x_all[rows]).to(device), y).mean.double().cpu())
     means = torch.cat(means).flatten(1)  # (N, D)
     var = means.var(dim=0, correction=0)
     return int((var > threshold).sum()), var
@@ -322,14 +333,18 @@ def bits_per_dim(nll_nats: float, n_dims: int) -> float:
     return nll_nats / (n_dims * math.log(2))
 
 
-def evaluate(model, x_all: torch.Tensor, *, k: int = 5000, precision: str = "fp32",
-             batch_size: int | None = None, seed: int | None = 0, progress: bool = True) -> dict:
-    """nll (IS, k samples) with stderr, nelbo/recon/kl, bits/dim, active units, in one dict."""
+def evaluate(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None, k: int = 5000,
+             precision: str = "fp32", batch_size: int | None = None, seed: int | None = 0,
+             progress: bool = True) -> dict:
+    """nll (IS, k samples) with stderr, nelbo/recon/kl, bits/dim, active units, in one dict.
+
+    y_all: the labels, needed by a conditional model (whose nll is then −log p(x|y)).
+    """
     n_dims = math.prod(x_all.shape[1:])
-    out = estimate_nll(model, x_all, k, batch_size=batch_size, precision=precision,
+    out = estimate_nll(model, x_all, k, y_all=y_all, batch_size=batch_size, precision=precision,
                        progress=progress, seed=seed)
-    out.update(elbo_terms(model, x_all, seed=seed))
-    count, _ = active_units(model, x_all)
+    out.update(elbo_terms(model, x_all, y_all=y_all, seed=seed))
+    count, _ = active_units(model, x_all, y_all=y_all)
     out["bits_per_dim"] = bits_per_dim(out["nll"], n_dims)
     out["active_units"] = count
     return out

@@ -2,12 +2,16 @@
 
 Images come back as the decoder's mean: pixel probabilities for a Bernoulli
 likelihood, the Gaussian mean otherwise (clamped to [0, 1] only by the plots).
+A conditional model (ModelConfig.n_classes > 0) needs the labels `y` wherever it
+encodes or decodes; sampling takes the class to draw.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vaekit.errors import ConfigError
+from vaekit.objectives import decode, encode
 from vaekit.plots import interpolation_z, manifold_z
 
 
@@ -15,58 +19,121 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def n_classes(model) -> int:
+    """How many classes a conditional model is conditioned on; 0 for an unconditional one."""
+    cfg = getattr(model, "cfg", None)
+    return getattr(cfg, "n_classes", 0) or 0
+
+
+def _labels(model, label: int | torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """n labels for decoding: None for an unconditional model; a given class repeated; else 0, 1, … in turn."""
+    classes = n_classes(model)
+    if not classes:
+        if label is not None:
+            raise ConfigError("this model is not conditional: it takes no label. Train one with --preset cvae "
+                              "or --set model.n_classes=N to draw by class.")
+        return None
+    if label is None:
+        return torch.arange(n) % classes
+    y = torch.as_tensor(label).long().expand(n) if torch.as_tensor(label).dim() == 0 else torch.as_tensor(label)
+    if int(y.min()) < 0 or int(y.max()) >= classes:
+        raise ConfigError(f"label {label} is out of range: this model knows classes 0..{classes - 1}.")
+    return y
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
 @torch.no_grad()
-def encode_mean(model, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def encode_mean(model, x: torch.Tensor, batch_size: int = 1000, y: torch.Tensor | None = None) -> torch.Tensor:
     """E_q[z|x] for each x: the code to use downstream. (N, *shape) -> (N, D)."""
     dev = _device(model)
-    return torch.cat([model.encode(x[i : i + batch_size].to(dev)).mean.cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([
+        encode(model, x[i : i + batch_size].to(dev), _on(None if y is None else y[i : i + batch_size], dev)).mean.cpu()
+        for i in range(0, len(x), batch_size)
+    ])
 
 
 @torch.no_grad()
-def reconstruct(model, x: torch.Tensor) -> torch.Tensor:
+def reconstruct(model, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Decode the posterior mean of each x: E_p[x | z = E_q[z|x]], shape of x."""
-    return model.decode(model.encode(x.to(_device(model))).mean).mean.cpu()
+    dev = _device(model)
+    y = _on(y, dev)
+    return decode(model, encode(model, x.to(dev), y).mean, y).mean.cpu()
 
 
 @torch.no_grad()
-def sample(model, n: int, seed: int | None = None) -> torch.Tensor:
+def sample(model, n: int, seed: int | None = None, label: int | torch.Tensor | None = None) -> torch.Tensor:
     """n images decoded from z ~ p(z) (N(0, I) for one stochastic layer): (n, *shape) decoder means.
 
-    With a seed the draw is repeatable and the global random state is left untouched.
+    A conditional model draws from class `label` (an int, or n labels); without one it cycles
+    through its classes 0, 1, 2, …. With a seed the draw is repeatable and the global random
+    state is left untouched.
     """
+    y = _labels(model, label, n)
     with torch.random.fork_rng(devices=[] if _device(model).type == "cpu" else [_device(model)]):
         if seed is not None:
             torch.manual_seed(seed)
         z = model.prior().sample((n,))  # (n, D)
-    return model.decode(z).mean.cpu()
+    return decode(model, z, _on(y, _device(model))).mean.cpu()
 
 
 @torch.no_grad()
-def decode_mean(model, z: torch.Tensor) -> torch.Tensor:
-    return model.decode(z.to(_device(model))).mean.cpu()
+def decode_mean(model, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder means of codes z (..., D); a conditional model takes one label per code, y of shape (...)."""
+    dev = _device(model)
+    if y is None:
+        return decode(model, z.to(dev)).mean.cpu()
+    flat = decode(model, z.reshape(-1, z.shape[-1]).to(dev), y.reshape(-1).to(dev)).mean.cpu()
+    return flat.reshape(*z.shape[:-1], *flat.shape[1:])
 
 
 @torch.no_grad()
-def interpolate(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
-    """Decode `steps` points on the line between the posterior means of x_a and x_b: (P, steps, *shape)."""
-    mu_a, mu_b = encode_mean(model, x_a), encode_mean(model, x_b)  # (P, D)
+def interpolate(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10,
+                y_a: torch.Tensor | None = None, y_b: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode `steps` points on the line between the posterior means of x_a and x_b: (P, steps, *shape).
+
+    A conditional model encodes each image with its own label and decodes the line with x_a's.
+    """
+    mu_a, mu_b = encode_mean(model, x_a, y=y_a), encode_mean(model, x_b, y=y_b)  # (P, D)
     z = torch.stack([interpolation_z(a, b, steps) for a, b in zip(mu_a, mu_b)])  # (P, steps, D)
-    return decode_mean(model, z)
+    return decode_mean(model, z, None if y_a is None else y_a[:, None].expand(-1, steps))
 
 
 @torch.no_grad()
-def manifold(model, n: int = 20) -> torch.Tensor:
-    """Decode an n×n grid of Gaussian quantiles of a 2-D latent space: (n*n, *shape)."""
+def manifold(model, n: int = 20, label: int | None = None) -> torch.Tensor:
+    """Decode an n×n grid of Gaussian quantiles of a 2-D latent space: (n*n, *shape).
+
+    A conditional model draws the grid for class `label` (default 0).
+    """
     if model.latent_dim != 2:
         raise ValueError(f"the manifold grid needs a 2-D latent space; this model has {model.latent_dim}.")
-    return decode_mean(model, manifold_z(n))
+    z = manifold_z(n)
+    return decode_mean(model, z, _labels(model, label if label is not None or not n_classes(model) else 0, len(z)))
 
 
 @torch.no_grad()
-def traversal(model, x: torch.Tensor, dims: list[int], values: torch.Tensor) -> torch.Tensor:
+def by_class(model, per_class: int = 10, seed: int = 0) -> torch.Tensor:
+    """A conditional model's samples, one row per class, the same z down each column: (C, per_class, *shape)."""
+    classes = n_classes(model)
+    if not classes:
+        raise ConfigError("by_class needs a conditional model (n_classes > 0).")
+    with torch.random.fork_rng(devices=[] if _device(model).type == "cpu" else [_device(model)]):
+        torch.manual_seed(seed)
+        z = model.prior().sample((per_class,))  # (per_class, D)
+    z = z.expand(classes, -1, -1)  # (C, per_class, D)
+    y = torch.arange(classes)[:, None].expand(-1, per_class)
+    return decode_mean(model, z, y)
+
+
+@torch.no_grad()
+def traversal(model, x: torch.Tensor, dims: list[int], values: torch.Tensor,
+              y: int | torch.Tensor | None = None) -> torch.Tensor:
     """Vary one latent dimension at a time around the code of one image x: (len(dims), len(values), *shape)."""
-    base = encode_mean(model, x[None])[0]  # (D,)
+    y1 = None if y is None else torch.as_tensor(y).long().reshape(1)
+    base = encode_mean(model, x[None], y=y1)[0]  # (D,)
     z = base.repeat(len(dims), len(values), 1)  # (dims, values, D)
     for row, d in enumerate(dims):
         z[row, :, d] = values
-    return decode_mean(model, z)
+    return decode_mean(model, z, None if y1 is None else y1.expand(len(dims), len(values)))

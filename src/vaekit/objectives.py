@@ -22,6 +22,16 @@ from torch.distributions import Distribution, Independent, kl_divergence
 from vaekit.errors import ConfigError
 
 
+def encode(model, x: torch.Tensor, y: torch.Tensor | None = None) -> Distribution:
+    """q(z|x), or q(z|x, y) for a conditional model; models without labels are called as encode(x)."""
+    return model.encode(x) if y is None else model.encode(x, y)
+
+
+def decode(model, z: torch.Tensor, y: torch.Tensor | None = None) -> Distribution:
+    """p(x|z), or p(x|z, y) for a conditional model; models without labels are called as decode(z)."""
+    return model.decode(z) if y is None else model.decode(z, y)
+
+
 class ElboParts(NamedTuple):
     """Per-example terms, each of shape (B,), in nats."""
 
@@ -35,18 +45,23 @@ class ElboParts(NamedTuple):
         return -(self.distortion + self.rate)
 
 
-def elbo(model, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0) -> ElboParts:
-    """ELBO parts for a batch x of shape (B, *input_shape), one sample of z each.
+def elbo(model, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0, k: int = 1,
+         y: torch.Tensor | None = None) -> ElboParts:
+    """ELBO parts for a batch x of shape (B, *input_shape), with k samples of z each (default 1).
 
+    k > 1 averages the reconstruction term over k samples: the "VAE with k samples" of Burda et
+    al. 2015 (Table 1), whose objective is still the ELBO, only estimated with less noise.
     beta weights the KL in the loss (β-VAE; Higgins et al. 2017). free_bits > 0 puts a floor of
     that many nats under each latent dimension's KL in the loss (Kingma et al. 2016, eq. 15),
-    applied per example; the reported rate stays the true KL.
+    applied per example; the reported rate stays the true KL. y: the labels, for a conditional model.
     """
-    q = model.encode(x)
-    z = q.rsample()  # (B, D): z = μ + σ·ε, ε ~ N(0, I)
+    q = encode(model, x, y)
+    z = q.rsample() if k == 1 else q.rsample((k,))  # (B, D) or (k, B, D): z = μ + σ·ε, ε ~ N(0, I)
     p = model.prior()
-    distortion = -model.decode(z).log_prob(x)  # (B,)
+    distortion = -decode(model, z, y).log_prob(x)  # (B,) or (k, B)
     rate = kl(q, p, z)  # (B,)
+    if k > 1:
+        distortion = distortion.mean(0)
     penalised = rate if free_bits <= 0 else kl_per_dim(q, p).clamp(min=free_bits).sum(-1)
     return ElboParts(distortion, rate, distortion + beta * penalised)
 
@@ -61,23 +76,26 @@ def kl_per_dim(q: Distribution, p: Distribution) -> torch.Tensor:
 def kl(q: Distribution, p: Distribution, z: torch.Tensor) -> torch.Tensor:
     """KL(q ‖ p) in closed form where torch.distributions knows one, else log q(z) − log p(z) at z ~ q.
 
-    The fallback is the unbiased one-sample estimate; it serves models whose q or p has no
-    closed-form KL (two stochastic layers, vaekit.distributions.GaussianChain).
+    The fallback is the unbiased sampled estimate, averaged over any leading sample dimensions
+    of z; it serves models whose q or p has no closed-form KL (two stochastic layers,
+    vaekit.distributions.GaussianChain).
     """
     try:
         return kl_divergence(q, p)
     except NotImplementedError:
-        return q.log_prob(z) - p.log_prob(z)
+        log_ratio = q.log_prob(z) - p.log_prob(z)
+        return log_ratio.reshape(-1, *q.batch_shape).mean(0)
 
 
-def log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor) -> torch.Tensor:
+def log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
     """log w = log p(x|z) + log p(z) − log q(z|x) for z of shape (k, B, D): returns (k, B)."""
-    return model.decode(z).log_prob(x) + model.prior().log_prob(z) - q.log_prob(z)
+    return decode(model, z, y).log_prob(x) + model.prior().log_prob(z) - q.log_prob(z)
 
 
-def iwae_bound(model, x: torch.Tensor, k: int) -> torch.Tensor:
+def iwae_bound(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None) -> torch.Tensor:
     """L_k per example, shape (B,): logsumexp_i log w_i − log k with z_i ~ q(z|x) reparameterized."""
-    return iwae(model, x, k).elbo_k
+    return iwae(model, x, k, y).elbo_k
 
 
 class IwaeParts(NamedTuple):
@@ -92,11 +110,11 @@ class IwaeParts(NamedTuple):
         return -self.loss
 
 
-def iwae(model, x: torch.Tensor, k: int) -> IwaeParts:
+def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None) -> IwaeParts:
     """The IWAE objective with k samples; distortion + rate is the k-sample average ELBO (≥ −L_k)."""
-    q = model.encode(x)
+    q = encode(model, x, y)
     z = q.rsample((k,))  # (k, B, D)
-    log_px_z = model.decode(z).log_prob(x)  # (k, B)
+    log_px_z = decode(model, z, y).log_prob(x)  # (k, B)
     log_ratio = model.prior().log_prob(z) - q.log_prob(z)  # (k, B): log p(z) − log q(z|x)
     bound = torch.logsumexp(log_px_z + log_ratio, dim=0) - math.log(k)
     return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound)

@@ -233,6 +233,14 @@ def latent_traversal(images, dims: Sequence[int], values,
                         xlabel="value of the varied latent dimension", ylabel="latent dimension")
 
 
+def by_class(images, class_names: Sequence[str] | None = None,
+             title: str = "Conditional samples: one row per class, the same z down each column") -> Figure:
+    """images (C, K, ch, H, W): row c decodes K draws of z with label c."""
+    a = _as_images(images, lead=2)
+    names = class_names or [str(c) for c in range(a.shape[0])]
+    return _grid_figure(a, title, row_labels=names, ylabel="class")
+
+
 def _pca2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Project (N, D) onto its first two principal components -> ((N, 2), explained variance ratios (2,))."""
     xc = x - x.mean(dim=0)

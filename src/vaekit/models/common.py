@@ -9,6 +9,7 @@ from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal
 
 from vaekit.config import ModelConfig
+from vaekit.errors import ConfigError
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -36,6 +37,25 @@ def xavier_(module: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def join_label(h: torch.Tensor, y: torch.Tensor | None, n_classes: int) -> torch.Tensor:
+    """[h, one_hot(y)] along the last dim, for a conditional model (n_classes > 0); h itself otherwise.
+
+    h is (..., B, F) and y (B,) integer labels: the one-hot code is broadcast over any leading
+    sample dimensions of h, so k samples of z share their image's label.
+    """
+    if not n_classes:
+        return h
+    if y is None:
+        raise ConfigError(f"this is a conditional model ({n_classes} classes): pass the labels y as well.")
+    y = torch.as_tensor(y, device=h.device)
+    if y.shape != h.shape[-2:-1]:
+        raise ConfigError(f"got {tuple(y.shape)} labels for a batch of {h.shape[-2]}; give one label per example.")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ConfigError(f"labels must lie in 0..{n_classes - 1} for this model; got {int(y.min())}..{int(y.max())}.")
+    code = nn.functional.one_hot(y.long(), n_classes).to(h.dtype)
+    return torch.cat([h, code.expand(*h.shape[:-1], n_classes)], dim=-1)
 
 
 def diag_gaussian(h: torch.Tensor) -> Independent:

@@ -4,6 +4,7 @@ Encoder: stride-2 3×3 convolutions (`channels`, e.g. 32, 64), flatten, dense `h
 layers, then (μ, log σ²). Decoder: dense layers up to the last feature map, then
 stride-2 transposed convolutions back to C×H×W, with output padding chosen per layer
 so odd sizes come back exactly. On CPU the convolutions run in channels_last.
+With n_classes > 0 the one-hot label joins the dense layers' input on both sides (a conditional VAE).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from vaekit.config import ModelConfig
-from vaekit.models.common import ACTIVATIONS, Likelihood, diag_gaussian, mlp, standard_normal, xavier_
+from vaekit.models.common import ACTIVATIONS, Likelihood, diag_gaussian, join_label, mlp, standard_normal, xavier_
 
 
 def _down(n: int) -> int:
@@ -39,8 +40,10 @@ class ConvVAE(nn.Module):
         self.conv_encoder = nn.Sequential(*enc)
         self.feature_shape = (chans[-1], *sizes[-1])  # (C_last, h_last, w_last)
         d_feat = math.prod(self.feature_shape)
-        self.dense_encoder = mlp([d_feat, *cfg.hidden, 2 * cfg.latent_dim], cfg.activation)
-        self.dense_decoder = mlp([cfg.latent_dim, *reversed(cfg.hidden), d_feat], cfg.activation, last_activation=True)
+        c = cfg.n_classes
+        self.dense_encoder = mlp([d_feat + c, *cfg.hidden, 2 * cfg.latent_dim], cfg.activation)
+        self.dense_decoder = mlp([cfg.latent_dim + c, *reversed(cfg.hidden), d_feat], cfg.activation,
+                                 last_activation=True)
         dec: list[nn.Module] = []
         rchans, rsizes = chans[::-1], sizes[::-1]
         for i, (a, b) in enumerate(zip(rchans[:-1], rchans[1:])):
@@ -58,14 +61,16 @@ class ConvVAE(nn.Module):
     def latent_dim(self) -> int:
         return self.cfg.latent_dim
 
-    def encode(self, x: torch.Tensor):
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """q(z|x) for x of shape (B, C, H, W)."""
         x = x.contiguous(memory_format=torch.channels_last)
-        return diag_gaussian(self.dense_encoder(self.conv_encoder(x).flatten(1)))
+        h = join_label(self.conv_encoder(x).flatten(1), y, self.cfg.n_classes)
+        return diag_gaussian(self.dense_encoder(h))
 
-    def decode(self, z: torch.Tensor):
-        """p(x|z) for z of shape (..., D): batch shape (...), event shape (C, H, W)."""
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None):
+        """p(x|z) for z of shape (..., B, D): batch shape (..., B), event shape (C, H, W)."""
         batch = z.shape[:-1]
+        z = join_label(z, y, self.cfg.n_classes)
         f = self.dense_decoder(z.reshape(-1, z.shape[-1])).view(-1, *self.feature_shape)
         f = f.contiguous(memory_format=torch.channels_last)
         out = self.conv_decoder(f).reshape(*batch, *self.input_shape)

@@ -38,7 +38,7 @@ class TwoLayerVAE(nn.Module):
     def latent_dim(self) -> int:
         return self.cfg.latent1_dim + self.cfg.latent_dim  # z = [z1, z2]
 
-    def encode(self, x: torch.Tensor) -> GaussianChain:
+    def encode(self, x: torch.Tensor, y: None = None) -> GaussianChain:
         """q(z1, z2 | x) = q(z1|x) q(z2|z1), batch shape (B,), event (d1 + d2,)."""
         q1 = diag_gaussian(self.q_z1(x.flatten(start_dim=-len(self.input_shape))))
         return GaussianChain(q1, lambda z1: diag_gaussian(self.q_z2(z1)), self.cfg.latent_dim, order="ab")
@@ -48,7 +48,7 @@ class TwoLayerVAE(nn.Module):
         p2 = standard_normal(self.cfg.latent_dim, self.decoder[0].weight)
         return GaussianChain(p2, lambda z2: diag_gaussian(self.p_z1(z2)), self.cfg.latent1_dim, order="ba")
 
-    def decode(self, z: torch.Tensor):
+    def decode(self, z: torch.Tensor, y: None = None):
         """p(x|z1) for z = [z1, z2] of shape (..., d1 + d2); z2 is ignored given z1."""
         z1 = z[..., : self.cfg.latent1_dim]
         return self.likelihood(self.decoder(z1).unflatten(-1, self.input_shape))

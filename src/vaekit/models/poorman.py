@@ -38,12 +38,12 @@ class PoorMansVAE(nn.Module):
     def latent_dim(self) -> int:
         return self.cfg.latent_dim
 
-    def encode(self, x: torch.Tensor) -> Independent:
+    def encode(self, x: torch.Tensor, y: None = None) -> Independent:
         """N(f(x), I): the code plus fixed unit noise."""
         f = self.encoder(x.flatten(start_dim=-len(self.input_shape))).float()
         return Independent(Normal(f, torch.ones_like(f), validate_args=False), 1)
 
-    def decode(self, z: torch.Tensor) -> Independent:
+    def decode(self, z: torch.Tensor, y: None = None) -> Independent:
         return self.likelihood(self.decoder(z).unflatten(-1, self.input_shape))
 
     def prior(self) -> Independent:
