@@ -151,3 +151,15 @@ def test_elbo_with_k_samples_averages_the_single_sample_terms(arch):
     torch.testing.assert_close(one.mean(0), many.mean(0), atol=3 * float(one.std(0).max()) / 200 ** 0.5 + 1e-3,
                                rtol=0)
     assert (many.std(0) < one.std(0)).all()
+
+
+def test_written_out_normal_kl_matches_torch_distributions_for_any_two_gaussians():
+    from torch.distributions import kl_divergence
+
+    from vaekit.objectives import kl, kl_per_dim
+
+    torch.manual_seed(4)
+    q = Independent(Normal(torch.randn(30, 5) * 3, torch.rand(30, 5) * 2 + 0.05), 1)
+    p = Independent(Normal(torch.randn(30, 5), torch.rand(30, 5) + 0.1), 1)
+    torch.testing.assert_close(kl(q, p, q.sample()), kl_divergence(q, p))
+    torch.testing.assert_close(kl_per_dim(q, p), kl_divergence(q.base_dist, p.base_dist))

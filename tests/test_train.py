@@ -317,3 +317,25 @@ def test_denormals_are_flushed_while_training_and_restored_after():
     assert (tiny * 1.0).item() > 0
     if torch.backends.cpu.get_cpu_capability() != "DEFAULT":  # x86 with SSE3: flushing is supported
         assert flushed == 0.0
+
+
+def test_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager = fit(build(toy_config().model, seed=0), toy_config(epochs=1), toy_splits(), tmp_path / "a", progress=False)
+    with pytest.warns(UserWarning, match="no compiler here"):
+        fallback = fit(build(toy_config().model, seed=0), toy_config(epochs=1, compile=True), toy_splits(),
+                       tmp_path / "b", progress=False)
+    assert _without_seconds(fallback) == _without_seconds(eager)  # the probe used no randomness
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    cfg = toy_config(epochs=2, warmup_steps=5)
+    eager = fit(build(cfg.model, seed=0), cfg, toy_splits(), None, progress=False)
+    compiled = fit(build(cfg.model, seed=0), toy_config(epochs=2, warmup_steps=5, compile=True), toy_splits(), None,
+                   progress=False)
+    for a, b in zip(eager, compiled):
+        assert b["valid_nelbo"] == pytest.approx(a["valid_nelbo"], abs=1e-2)

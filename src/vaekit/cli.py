@@ -165,6 +165,8 @@ def train(
     warmup: Optional[int] = typer.Option(None, "--warmup", help="KL warm-up: β rises linearly over N steps."),
     free_bits: Optional[float] = typer.Option(None, "--free-bits", help="Floor (nats) on each latent dim's KL."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant or cosine."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the loss (inductor; the first "
+                                  "steps take longer). Falls back to eager with a message where it fails."),
     conditional: bool = typer.Option(False, "--conditional", help="A conditional VAE: encoder and decoder "
                                      "given the label (classes counted from the data's labels)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config.json to start from."),
@@ -188,7 +190,7 @@ def train(
             ("--subset", subset), ("--precision", precision), ("--config", config_file), ("--set", set_ or None),
             ("--checkpoint-every", checkpoint_every), ("--objective", objective), ("--k", k), ("--warmup", warmup),
             ("--free-bits", free_bits), ("--lr-schedule", lr_schedule),
-            ("--conditional", conditional or None)] if value is not None]
+            ("--conditional", conditional or None), ("--compile", compile_ or None)] if value is not None]
         if given:
             raise ConfigError(f"--resume continues the run with its saved {out / 'config.json'}, so "
                               f"{', '.join(given)} would be ignored; drop them (or edit config.json).")
@@ -207,7 +209,8 @@ def train(
             "data": {"source": data, "binarize": binarize, "subset": subset},
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed,
                       "precision": precision, "checkpoint_every": checkpoint_every, "objective": objective,
-                      "k": k, "warmup_steps": warmup, "free_bits": free_bits, "lr_schedule": lr_schedule},
+                      "k": k, "warmup_steps": warmup, "free_bits": free_bits, "lr_schedule": lr_schedule,
+                      "compile": compile_ or None},
         }
         if sigma is not None:
             if sigma == "learned":

@@ -93,6 +93,7 @@ class TrainConfig:
     free_bits: float = 0.0  # nats: a floor on each latent dimension's KL in the loss (Kingma et al. 2016)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_min: float = 0.0  # where the cosine schedule ends
+    compile: bool = False  # torch.compile the loss (forward and backward); falls back to eager, saying why
 
     def check(self) -> None:
         if self.epochs < 1:

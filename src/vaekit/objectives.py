@@ -17,7 +17,7 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.distributions import Distribution, Independent, kl_divergence
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from vaekit.errors import ConfigError
 
@@ -70,6 +70,8 @@ def kl_per_dim(q: Distribution, p: Distribution) -> torch.Tensor:
     """Closed-form KL of each latent dimension, (B, D), for factorised q and p."""
     if not (isinstance(q, Independent) and isinstance(p, Independent)):
         raise ConfigError("free bits need a factorised q(z|x) and p(z), which this model does not have.")
+    if _is_diag_normal(q) and _is_diag_normal(p):
+        return _normal_kl(q.base_dist, p.base_dist)
     return kl_divergence(q.base_dist, p.base_dist)
 
 
@@ -80,11 +82,28 @@ def kl(q: Distribution, p: Distribution, z: torch.Tensor) -> torch.Tensor:
     of z; it serves models whose q or p has no closed-form KL (two stochastic layers,
     vaekit.distributions.GaussianChain).
     """
+    if _is_diag_normal(q) and _is_diag_normal(p):
+        return _normal_kl(q.base_dist, p.base_dist).flatten(-q.reinterpreted_batch_ndims).sum(-1)
     try:
         return kl_divergence(q, p)
     except NotImplementedError:
         log_ratio = q.log_prob(z) - p.log_prob(z)
         return log_ratio.reshape(-1, *q.batch_shape).mean(0)
+
+
+def _is_diag_normal(d: Distribution) -> bool:
+    return isinstance(d, Independent) and isinstance(d.base_dist, Normal)
+
+
+def _normal_kl(q: Normal, p: Normal) -> torch.Tensor:
+    """KL(N(μq, σq²) ‖ N(μp, σp²)) per element: log(σp/σq) + (σq² + (μq − μp)²) / (2σp²) − ½.
+
+    What torch.distributions computes, written out so that torch.compile traces it in one graph
+    (kl_divergence's dispatch on types is a graph break).
+    """
+    var_ratio = (q.scale / p.scale).pow(2)
+    t = ((q.loc - p.loc) / p.scale).pow(2)
+    return 0.5 * (var_ratio + t - 1 - var_ratio.log())
 
 
 def log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,

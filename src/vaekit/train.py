@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,14 +207,44 @@ def fast_fp32_matmuls(device: torch.device, batch_size: int):
         torch.backends.mkldnn.matmul.fp32_precision = previous
 
 
+def beta_at(tc: TrainConfig, step: int) -> float:
+    """The KL weight at global step ``step`` (0-based): β, reached linearly over the warm-up steps."""
+    return tc.beta * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.beta
+
+
 def objective(model, x: torch.Tensor, tc: TrainConfig, step: int, y: torch.Tensor | None = None):
     """The loss parts of one batch at global step ``step`` (0-based), as ``tc`` says; y: labels, if conditional."""
+    return loss_parts(model, x, y, beta_at(tc, step), tc)
+
+
+def loss_parts(model, x: torch.Tensor, y: torch.Tensor | None, beta: float | torch.Tensor, tc: TrainConfig):
+    """The objective's parts for a batch, with the KL weight ``beta`` given (a tensor when compiled)."""
     if tc.objective == "iwae":
         return iwae(model, x, tc.k, y)
     if tc.objective == "norm-penalty":
         return norm_penalty(model, x, tc.beta)
-    beta = tc.beta * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.beta  # linear KL warm-up
     return elbo(model, x, beta=beta, free_bits=tc.free_bits, k=tc.k, y=y)
+
+
+def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfig, autocast) -> Callable | None:
+    """torch.compile(loss_parts), or None after saying why it cannot be used here.
+
+    Compiles by running one forward and backward on the batch x (random state forked, gradients
+    dropped after), so a missing compiler or an unsupported op shows now, not mid-epoch.
+    β goes in as a tensor, so KL warm-up does not recompile every step; shapes are static
+    (the epoch's last, smaller batch compiles once more).
+    """
+    try:
+        fn = torch.compile(loss_parts, dynamic=False)
+        with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device]), autocast:
+            fn(model, x, y, torch.tensor(1.0, device=x.device), tc).loss.mean().backward()
+    except Exception as e:  # compilers fail in many ways: no C compiler, an op inductor lacks, ...
+        warnings.warn(f"--compile: torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "training without it.", stacklevel=2)
+        return None
+    finally:
+        model.zero_grad(set_to_none=True)
+    return fn
 
 
 @torch.no_grad()
@@ -307,8 +338,14 @@ def fit(
     )
     every = tc.checkpoint_every if run is not None else None
     schedule = lr_schedule(tc, steps_per_epoch * tc.epochs)
+    step_loss = None  # the compiled loss, when asked for and it works
+    beta_t = torch.zeros((), device=device)  # β for the compiled loss, refilled every step
     with fast_fp32_matmuls(device, tc.batch_size), flush_denormals():
         model.train()
+        if tc.compile:
+            probe = data.x[: tc.batch_size].float().mul_(data.scale)  # rounded, not sampled: no RNG used
+            step_loss = compiled_loss(model, probe.round() if data.dynamic else probe,
+                                      None if data.y is None else data.y[: tc.batch_size], tc, autocast)
         for epoch in range(state["epoch"] + 1, tc.epochs + 1):
             t0 = time.perf_counter()
             if part is None:
@@ -330,7 +367,10 @@ def fit(
                     for group in opt.param_groups:
                         group["lr"] = schedule(state["step"] + i)
                 with autocast:
-                    parts = objective(model, xb, tc, state["step"] + i, yb)
+                    if step_loss is None:
+                        parts = objective(model, xb, tc, state["step"] + i, yb)
+                    else:
+                        parts = step_loss(model, xb, yb, beta_t.fill_(beta_at(tc, state["step"] + i)), tc)
                 loss = parts.loss.mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
