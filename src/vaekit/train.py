@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from vaekit import runs
 from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from vaekit.data import Dataset, Splits, binarize
+from vaekit.data import Dataset, Splits, binarize, binarize_u8
 from vaekit.errors import DataError, RunError
 from vaekit.objectives import elbo, iwae, norm_penalty
 
@@ -359,9 +359,13 @@ def fit(
                        leave=False, unit="step")
             for i in range(start, steps_per_epoch):
                 idx = order[i * tc.batch_size : (i + 1) * tc.batch_size]
-                xb = data.x.index_select(0, idx).float().mul_(data.scale)  # (B, *shape) in [0, 1]
-                if data.dynamic:
-                    xb = torch.bernoulli(xb, generator=gen if xb.device.type == "cpu" else None)
+                xb = data.x.index_select(0, idx)
+                if data.dynamic and xb.dtype == torch.uint8 and xb.device.type == "cpu":
+                    xb = binarize_u8(xb, gen)  # (B, *shape) float32 0/1, straight from the bytes
+                else:
+                    xb = xb.float().mul_(data.scale)  # (B, *shape) in [0, 1]
+                    if data.dynamic:
+                        xb = torch.bernoulli(xb, generator=gen if xb.device.type == "cpu" else None)
                 yb = None if data.y is None else data.y.index_select(0, idx)
                 if schedule is not None:
                     for group in opt.param_groups:
