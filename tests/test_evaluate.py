@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.distributions import Independent, MultivariateNormal, Normal
+from torch.distributions import Bernoulli, Independent, MultivariateNormal, Normal
 
 from vaekit import evaluate as ev
 from vaekit.config import ModelConfig
@@ -164,6 +164,69 @@ def test_fast_bernoulli_path_equals_generic_log_weights(bf16):
         torch.testing.assert_close(ev._log_weights(model, x, q, z, None), generic)
 
 
+def test_fast_bernoulli_survives_overflowing_logits():
+    """e^y overflows for y > 88.7: the chunk is redone with logaddexp, never returned as -inf."""
+    x = binary_images(3)
+    logits = torch.randn(4, 3, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 5
+    logits[1, 0, 0, 0, :3] = torch.tensor([200.0, -200.0, 95.0])  # huge, in both directions
+    logits[2, 1, 0, 2, 2] = -1e4 if x[1, 0, 2, 2] == 1 else 1e4  # confidently wrong: y = +1e4
+    p_x = Independent(Bernoulli(logits=logits, validate_args=False), 3)
+    got = ev._BinaryBernoulli(x)(p_x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, p_x.log_prob(x), atol=1e-4, rtol=1e-6)
+    assert got[2, 1] < -1e4 + 100  # −softplus(1e4) ≈ −1e4, not −inf
+
+
+def test_gaussian_proposal_draws_what_q_sample_draws():
+    """The ε path: z bitwise equal to q.sample from the same RNG state; log p(z) − log q(z|x) as Normal has it."""
+    model, x = small_vae(), binary_images(5)
+    with torch.no_grad():
+        q = model.encode(x)
+    gauss = ev._GaussianProposal.of(q, model.prior())
+    assert gauss is not None
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        z_ref = q.sample((7,))
+        torch.manual_seed(0)
+        eps = gauss.eps((7,))
+    z = gauss.z(eps)
+    assert torch.equal(z, z_ref)
+    torch.testing.assert_close(gauss.log_ratio(eps, z), model.prior().log_prob(z) - q.log_prob(z),
+                               atol=1e-5, rtol=1e-6)
+
+
+def test_gaussian_proposal_only_for_a_diagonal_q_and_a_standard_normal_prior():
+    model = small_vae()
+    with torch.no_grad():
+        q = model.encode(binary_images(2))
+    assert ev._GaussianProposal.of(q, model.prior()) is not None
+    shifted = Independent(Normal(torch.full((4,), 0.5), torch.ones(4)), 1)
+    wide = Independent(Normal(torch.zeros(4), torch.full((4,), 2.0)), 1)
+    other_d = Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
+    for prior in (shifted, wide, other_d):
+        assert ev._GaussianProposal.of(q, prior) is None
+    full = linear_gaussian(q="full")  # MultivariateNormal q and prior: the generic path
+    x = full.sample_x(2)
+    assert ev._GaussianProposal.of(full.encode(x), full.prior()) is None
+
+
+def test_onednn_fp32_matmuls_leave_log_px_unchanged():
+    """bench/eval_speed.py times a second limit with fp32 matmuls on oneDNN (vaekit.train.fast_fp32_matmuls):
+    where that routing applies it must compute the same log p(x)."""
+    from vaekit.train import _onednn_keeps_fp32, fast_fp32_matmuls
+
+    if not _onednn_keeps_fp32():
+        pytest.skip("oneDNN would not keep fp32 matmuls in fp32 on this CPU, so nothing is routed")
+    torch.manual_seed(0)
+    model = build(ModelConfig(latent_dim=8, hidden=(64,), activation="relu", input_shape=(1, 12, 12)))
+    x = binary_images(100, shape=(1, 12, 12))
+    default = ev.log_px(model, x, 40, seed=0)
+    with fast_fp32_matmuls(torch.device("cpu"), 100):
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # the routing is on
+        routed = ev.log_px(model, x, 40, seed=0)
+    torch.testing.assert_close(routed, default, atol=1e-5, rtol=0)
+
+
 def test_non_binary_x_takes_the_generic_path():
     model = small_vae()
     g = torch.Generator().manual_seed(0)
@@ -177,12 +240,13 @@ def test_non_binary_x_takes_the_generic_path():
     torch.testing.assert_close(est, ref)
 
 
-@pytest.mark.parametrize("which, precision", [("mlp", "fp32"), ("mlp", "bf16"), ("linear", "fp32")])
+@pytest.mark.parametrize("which, precision", [("mlp", "fp32"), ("mlp", "bf16"), ("linear", "fp32"),
+                                              ("linear-full", "fp32")])
 def test_chunking_does_not_change_the_result(which, precision):
     if which == "mlp":
         model, x = small_vae(), binary_images(5)
-    else:
-        model = linear_gaussian(q="perturbed")
+    else:  # "linear": q diagonal Gaussian (the ε path); "linear-full": q a MultivariateNormal (q.sample)
+        model = linear_gaussian(q="perturbed" if which == "linear" else "full")
         x = model.sample_x(5, torch.Generator().manual_seed(3))
     one = ev.log_px(model, x, 50, chunk_size=50, seed=0, precision=precision)
     for chunk in (7, 1, None):  # 7: the last chunk is smaller than the others

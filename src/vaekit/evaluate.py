@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
-from torch.distributions import Bernoulli, Distribution, Independent
+from torch.distributions import Bernoulli, Distribution, Independent, Normal
 from tqdm.auto import tqdm
 
 from vaekit.errors import ConfigError
@@ -32,11 +33,12 @@ ESTIMATOR = "importance sampling, proposal q(z|x)"
 PRECISIONS = ("fp32", "bf16")
 
 # Decoder output (float32) held at once by log_px. Measured (bench/eval_speed.py
-# and one-thread CPU time on a 2-core CPU with a 32 MiB L3; both MLP models,
-# fp32 and bf16): 1-8 MiB chunks run at the same speed; 16 MiB is up to 1.2x and
+# and one-thread CPU time; both MLP models, fp32 and bf16): on a 2-core CPU with
+# a 32 MiB L3, 1-8 MiB chunks run at the same speed; 16 MiB is up to 1.2x and
 # 32 MiB up to 1.5x slower, as the logits and their temporaries leave the cache
 # and glibc starts returning the freed blocks to the kernel (a page fault per
-# 4 KiB on the next allocation).
+# 4 KiB on the next allocation). On a 2-core Intel Xeon (2 MiB L2 per core; fp32),
+# 4 MiB is the fastest: 2 MiB is 1.05x, 1 MiB 1.12-1.17x, 6-8 MiB 1.00-1.13x slower.
 CHUNK_BYTES = 4 * 2**20
 # Random numbers drawn per RNG call. The calls (and so the samples) depend on
 # k, the batch and this constant, never on chunk_size, so chunking cannot
@@ -95,17 +97,19 @@ def _check_k(k: int) -> None:
         raise ConfigError(f"k (importance samples per image) must be a whole number >= 1, got {k!r}.")
 
 
-def _draws(q: Distribution, k: int, chunk_size: int):
-    """Yield k samples of q in tensors of (n ≤ chunk_size, B, D), drawn in RNG calls of a fixed size."""
-    per_draw = max(1, q.batch_shape.numel() * max(1, q.event_shape.numel()))
-    block = max(1, min(k, _RNG_BLOCK // per_draw))
+def _draws(sample: Callable[[tuple[int, ...]], torch.Tensor], per_draw: int, k: int, chunk_size: int):
+    """Yield k draws of sample((m,)) in tensors of (n ≤ chunk_size, ...), each RNG call of a fixed size.
+
+    per_draw: the numbers one draw takes (B·D for z of shape (B, D)).
+    """
+    block = max(1, min(k, _RNG_BLOCK // max(1, per_draw)))
     pending: list[torch.Tensor] = []  # drawn, not yet yielded
     have = drawn = 0
     for start in range(0, k, chunk_size):
         n = min(chunk_size, k - start)
         while have < n:
             m = min(block, k - drawn)
-            pending.append(q.sample((m,)))
+            pending.append(sample((m,)))
             drawn += m
             have += m
         z = torch.cat(pending) if len(pending) > 1 else pending[0]
@@ -114,17 +118,64 @@ def _draws(q: Distribution, k: int, chunk_size: int):
         yield z[:n]
 
 
+class _GaussianProposal:
+    """q(z|x) = N(μ, diag σ²) against the prior p(z) = N(0, I): z drawn as μ + σ·ε, keeping ε.
+
+    Then log p(z) − log q(z|x) = Σ_d (ε_d² − z_d²)/2 + Σ_d log σ_d (the log 2π terms cancel):
+    a few passes over (n, B, D) where two Normal.log_prob calls take about fifteen, and no
+    (z − μ)/σ to recompute. ε comes from torch.randn with the shapes and RNG calls q.sample
+    would use, and z = ε·σ + μ is rounded as torch.normal(μ, σ) rounds it, so the samples
+    are bitwise those of q.sample (tests/test_evaluate.py checks this).
+    """
+
+    def __init__(self, q: Independent):
+        self.loc, self.scale = q.base_dist.loc, q.base_dist.scale  # batch + event shape
+        self.dims = q.reinterpreted_batch_ndims
+        self.log_det = self.scale.log().flatten(-self.dims).sum(-1)  # Σ log σ, batch shape
+
+    @classmethod
+    def of(cls, q: Distribution, prior: Distribution) -> _GaussianProposal | None:
+        """The fast form, or None unless q is an Independent Normal and the prior N(0, I) on the same event."""
+        def normal(d):
+            return isinstance(d, Independent) and type(d.base_dist) is Normal
+        if not (normal(q) and normal(prior) and q.event_shape == prior.event_shape
+                and q.reinterpreted_batch_ndims == prior.reinterpreted_batch_ndims):
+            return None
+        p = prior.base_dist
+        if not (bool((p.loc == 0).all()) and bool((p.scale == 1).all())):
+            return None
+        return cls(q)
+
+    def eps(self, sample_shape: tuple[int, ...]) -> torch.Tensor:
+        """ε ~ N(0, I) of shape sample_shape + batch + event, as q.sample(sample_shape) would draw it."""
+        return torch.randn((*sample_shape, *self.loc.shape), dtype=self.loc.dtype, device=self.loc.device)
+
+    def z(self, eps: torch.Tensor) -> torch.Tensor:
+        return (eps * self.scale).add_(self.loc)
+
+    def log_ratio(self, eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) − log q(z|x) for z = μ + σ·ε: shape (n, *batch)."""
+        return (eps - z).mul_(eps + z).flatten(-self.dims).sum(-1).mul_(0.5).add_(self.log_det)
+
+
 class _BinaryBernoulli:
     """log p(x|z) for binary x under a Bernoulli decoder, faster than Bernoulli.log_prob.
 
-    log Bernoulli(x; logit l) = x·l − softplus(l) = −softplus(s·l) with s = 1 − 2x:
-    one multiply and one softplus (as logaddexp(·, 0)) over the (n, B, *shape)
-    logits, where Bernoulli.log_prob (binary_cross_entropy_with_logits after
-    broadcasting x) makes about four passes. Both write into one buffer kept
-    from chunk to chunk: on CPU a fresh multi-MiB tensor costs a page fault per
-    4 KiB (glibc hands large freed blocks back to the kernel), which measured
-    as much as the arithmetic itself. In float32 (float64 for a float64 model),
-    also under bf16 autocast, where the model has cast its logits to float32.
+    log Bernoulli(x; logit l) = x·l − softplus(l) = −softplus(s·l) with s = 1 − 2x: one
+    multiply and one softplus over the (n, B, *shape) logits, then the sum over the pixels
+    (in float32, or float64 for a float64 model; also under bf16 autocast, where the model
+    has cast its logits to float32). Bernoulli.log_prob (binary_cross_entropy_with_logits
+    after broadcasting x) makes about four passes.
+
+    On CPU the softplus is computed as log(1 + e^y), in place: exp, +1, log. torch.logaddexp
+    (y, 0) and F.softplus are far slower there (one thread, 13 × 100 × 784 logits: multiply,
+    softplus and sum take 2.2 ms that way, 1.2 ms this way). 1 + e^y drops e^y < 6e-8, an
+    error below 6e-8 nats per pixel. If e^y overflows (y > 88.7 in float32) the sum is +inf:
+    that chunk is redone with logaddexp, so no result depends on the shortcut. Elsewhere
+    (CUDA) logaddexp, with no check that would wait for the device.
+
+    Everything is written into one buffer kept from chunk to chunk: on CPU a fresh multi-MiB
+    tensor can cost a page fault per 4 KiB (glibc hands large freed blocks back to the kernel).
 
     tests/test_evaluate.py checks it against Bernoulli.log_prob.
     """
@@ -143,8 +194,21 @@ class _BinaryBernoulli:
         if buf is None or buf.shape[1:] != logits.shape[1:] or len(buf) < len(logits) or buf.dtype != dtype:
             buf = self.buf = torch.empty(logits.shape, dtype=dtype, device=logits.device)
         y = torch.mul(logits, self.sign, out=buf[:len(logits)])
-        torch.logaddexp(y, y.new_zeros(()), out=y)  # softplus(y) = log(e^y + e^0)
-        return -y.flatten(-dims).sum(-1)
+        if y.device.type == "cpu":
+            out = y.exp_().add_(1).log_().flatten(-dims).sum(-1)  # softplus(y) = log(1 + e^y)
+            if bool(torch.isfinite(out).all()):
+                return out.neg_()
+            y = torch.mul(logits, self.sign, out=y)  # e^y overflowed, or the logits hold inf/NaN
+        torch.logaddexp(y, y.new_zeros(()), out=y)  # softplus(y) = log(e^y + e^0), overflow-free
+        return y.flatten(-dims).sum(-1).neg_()
+
+
+def _log_lik(model, x: torch.Tensor, z: torch.Tensor, fast: _BinaryBernoulli | None,
+             y: torch.Tensor | None) -> torch.Tensor:
+    """log p(x|z) for z of shape (n, B, D): (n, B), from `fast` where it applies."""
+    p_x = decode(model, z, y)
+    log_lik = fast(p_x) if fast is not None else None
+    return p_x.log_prob(x) if log_lik is None else log_lik
 
 
 def _log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,
@@ -153,11 +217,7 @@ def _log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,
 
     objectives.log_weights, with log p(x|z) from `fast` where it applies.
     """
-    p_x = decode(model, z, y)
-    log_lik = fast(p_x) if fast is not None else None
-    if log_lik is None:
-        log_lik = p_x.log_prob(x)
-    return log_lik + model.prior().log_prob(z) - q.log_prob(z)
+    return _log_lik(model, x, z, fast, y) + model.prior().log_prob(z) - q.log_prob(z)
 
 
 @torch.no_grad()
@@ -196,12 +256,19 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = No
     acc = None  # running logsumexp of the log-weights so far, (B,)
     with _eval_mode(model), _seeded(seed, device):
         q = encode(model, x, y)  # batch shape (B,); full precision whatever `precision`: it runs once
+        gauss = _GaussianProposal.of(q, model.prior())
+        sample = q.sample if gauss is None else gauss.eps
+        per_draw = q.batch_shape.numel() * max(1, q.event_shape.numel())
         with autocast:  # entered once, so each weight is cast to bf16 once
-            for z in _draws(q, k, chunk_size):  # z: (n, B, D)
-                lw = _log_weights(model, x, q, z, fast, y)  # (n, B)
+            for draw in _draws(sample, per_draw, k, chunk_size):  # z or ε: (n, B, D)
+                if gauss is None:
+                    lw = _log_weights(model, x, q, draw, fast, y)  # (n, B)
+                else:
+                    z = gauss.z(draw)
+                    lw = _log_lik(model, x, z, fast, y) + gauss.log_ratio(draw, z)
                 part = torch.logsumexp(lw.to(torch.promote_types(lw.dtype, torch.float32)), dim=0)
                 acc = part if acc is None else torch.logaddexp(acc, part)
-                bar.update(len(z))
+                bar.update(len(draw))
     bar.close()
     return acc - math.log(k)
 
