@@ -189,17 +189,48 @@ def flush_denormals():
             torch.set_flush_denormal(False)
 
 
+@functools.cache
+def _onednn_is_faster() -> bool:
+    """Whether oneDNN's exact-fp32 matmul beats torch's default (MKL) on this CPU: timed once per process.
+
+    It depends on the CPU: on an AMD Zen 4, oneDNN ~330 GFLOP/s against MKL's ~180 on 2 cores;
+    on an Intel Xeon without AMX, MKL is ~10% faster. Best of 5 rounds of 10 products of a
+    training step's shape (~30 ms in all); the minimum is what other load disturbs least.
+    """
+    if not _onednn_keeps_fp32():
+        return False
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 784, generator=g), torch.randn(784, 400, generator=g)
+
+    def best() -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    default = best()
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        onednn = best()
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+    return onednn < 0.95 * default
+
+
 @contextmanager
 def fast_fp32_matmuls(device: torch.device, batch_size: int):
-    """Workaround: run fp32 matmuls on oneDNN rather than MKL where oneDNN keeps them exact fp32.
+    """Workaround: run fp32 matmuls on oneDNN rather than MKL where oneDNN keeps them exact and is faster.
 
-    On this AMD CPU MKL's sgemm reaches ~180 GFLOP/s on 2 cores, oneDNN's AVX-512 kernels ~330
-    (bench/train_speed.py). torch routes fp32 matmuls to oneDNN only when bf16 math is allowed,
-    so allow it, check the result is still fp32-exact (it would not be on a CPU with AMX), restore.
-    Small batches (< 64) are faster on MKL.
+    torch routes fp32 matmuls to oneDNN only when bf16 math is allowed, so allow it where the
+    result is still fp32-exact (it would not be on a CPU with AMX) and oneDNN measured faster
+    (_onednn_is_faster), and restore it after. Small batches (< 64) are faster on MKL.
     """
     previous = torch.backends.mkldnn.matmul.fp32_precision
-    if device.type == "cpu" and batch_size >= 64 and _onednn_keeps_fp32():
+    if device.type == "cpu" and batch_size >= 64 and _onednn_is_faster():
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     try:
         yield
