@@ -333,7 +333,7 @@ def row_fit(cfg, splits, x_valid, args, precision: str, compile_mode: str | None
     with warnings.catch_warnings(record=True) as caught:  # fit warns when compilation fails and it falls back
         warnings.simplefilter("always")
         metrics = vtrain.fit(model, cfg, splits, run=None, progress=False, on_epoch=lambda _: laps.append(clock.lap()))
-    note = "; ".join(str(w.message)[:160] for w in caught if "compile" in str(w.message))
+    note = "; ".join(str(w.message)[:160] for w in caught if str(w.message).startswith("--compile"))
     wall_valid, cpu_valid, _ = timed_validation(model, cfg, x_valid)
     # Each lap is one epoch of fit (the first also holds fit's set-up and compilation) including its validation.
     return {"seconds": [w - wall_valid for w, _ in laps], "cpu": [c - cpu_valid for _, c in laps],

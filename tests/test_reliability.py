@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -405,7 +406,32 @@ def test_a_run_of_another_format_version_names_both_versions(tmp_path, capsys, c
 def test_resume_refuses_flags_it_would_ignore(tmp_path, npz, capsys):
     run = tmp_path / "run"
     assert main(train_args(run, npz)) == 0
-    assert main([*resume_args(run), "--epochs", "5", "--lr", "0.1"]) == 2
+    assert main([*resume_args(run), "--lr", "0.1", "--batch-size", "7"]) == 2
     err = capsys.readouterr().err
-    assert "--epochs, --lr" in err and "config.json" in err
+    assert "--batch-size, --lr" in err and "config.json" in err
     assert [m["epoch"] for m in runs.read_jsonl(run / "metrics.jsonl")] == [1]
+
+
+def test_resume_with_more_epochs_extends_a_finished_run_exactly(tmp_path, npz):
+    """Training 1 epoch then extending to 3 gives the weights of a 3-epoch run (constant learning rate)."""
+    once, extended = tmp_path / "once", tmp_path / "extended"
+    assert main([*train_args(once, npz), "--epochs", "3"]) == 0
+    assert main(train_args(extended, npz)) == 0
+    assert main([*resume_args(extended), "--epochs", "3"]) == 0
+    assert json.loads((extended / "config.json").read_text())["train"]["epochs"] == 3
+    assert [m["epoch"] for m in runs.read_jsonl(extended / "metrics.jsonl")] == [1, 2, 3]
+    a = load_file(str(once / "last.safetensors"))
+    b = load_file(str(extended / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_cannot_shorten_a_run_or_stretch_a_schedule(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main([*train_args(run, npz), "--epochs", "2"]) == 0
+    assert main([*resume_args(run), "--epochs", "1"]) == 2
+    assert "trained 2 epochs" in capsys.readouterr().err
+    cosine = tmp_path / "cosine"
+    assert main([*train_args(cosine, npz), "--lr-schedule", "cosine"]) == 0
+    assert main([*resume_args(cosine), "--epochs", "4"]) == 2
+    assert "cosine" in capsys.readouterr().err
+    assert json.loads((cosine / "config.json").read_text())["train"]["epochs"] == 1

@@ -64,6 +64,20 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _extended(run: Path, cfg: RunConfig, epochs: int) -> RunConfig:
+    """The run's config with a new epoch budget, for --resume --epochs N; config.json is rewritten."""
+    done = len(runs.read_jsonl(run / "metrics.jsonl")) if (run / "metrics.jsonl").is_file() else 0
+    if epochs < max(done, 1):
+        raise ConfigError(f"{run} has trained {done} epochs already; --epochs must be at least that to resume it.")
+    if cfg.train.lr_schedule != "constant":
+        raise ConfigError(f"{run} follows a {cfg.train.lr_schedule} learning-rate schedule laid over "
+                          f"{cfg.train.epochs} epochs; changing the budget would change that schedule mid-run. "
+                          "Resume it without --epochs, or start a new run.")
+    cfg = cfg.replace(train={"epochs": epochs})
+    runs.save_config(run, cfg)
+    return cfg
+
+
 def _prepare_out(out: Path, resume: bool) -> None:
     """Fail before any training if --out cannot hold a run. Creates nothing: the run
     directory is made only once the data has loaded and passed its checks."""
@@ -186,7 +200,7 @@ def train(
         given = [flag for flag, value in [
             ("--preset", preset_name), ("--data", data), ("--latent-dim", latent_dim), ("--hidden", hidden),
             ("--activation", activation), ("--likelihood", likelihood), ("--sigma", sigma), ("--binarize", binarize),
-            ("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr), ("--beta", beta), ("--seed", seed),
+            ("--batch-size", batch_size), ("--lr", lr), ("--beta", beta), ("--seed", seed),
             ("--subset", subset), ("--precision", precision), ("--config", config_file), ("--set", set_ or None),
             ("--checkpoint-every", checkpoint_every), ("--objective", objective), ("--k", k), ("--warmup", warmup),
             ("--free-bits", free_bits), ("--lr-schedule", lr_schedule),
@@ -195,6 +209,8 @@ def train(
             raise ConfigError(f"--resume continues the run with its saved {out / 'config.json'}, so "
                               f"{', '.join(given)} would be ignored; drop them (or edit config.json).")
         cfg = runs.load_config(out)
+        if epochs is not None and epochs != cfg.train.epochs:
+            cfg = _extended(out, cfg, epochs)
     else:
         base: dict[str, Any] = RunConfig().to_dict()
         if config_file is not None:
