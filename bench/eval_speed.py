@@ -16,7 +16,7 @@ For each model and precision, from this one run:
                            just before the run, half just after) and scaled.
                            fp32 has two: the default path (MKL's sgemm), which is
                            what log_px runs, and oneDNN's fp32 kernels (as
-                           vaekit.train.fast_fp32_matmuls routes them, where they
+                           vaekit.train.onednn_fp32_matmuls routes them, where they
                            stay exactly fp32), which can be faster or slower
                            depending on the CPU. The ratio to the path log_px
                            takes is the fair one; the other is shown beside it.
@@ -54,7 +54,7 @@ from vaekit import evaluate as ev
 from vaekit.config import ModelConfig
 from vaekit.models import build
 from vaekit.objectives import elbo, log_weights
-from vaekit.train import _onednn_keeps_fp32, fast_fp32_matmuls
+from vaekit.train import _onednn_keeps_fp32, onednn_fp32_matmuls
 
 MODELS = {
     "784-400-20 relu": ModelConfig(latent_dim=20, hidden=(400,), activation="relu"),
@@ -128,7 +128,7 @@ def time_limit(model, plan: Counter, dtype: torch.dtype, fraction: float,
                onednn: bool = False) -> tuple[float, float]:
     """(wall, CPU) seconds of the decoder's addmm chain alone over `plan` (timed on `fraction` of the calls, scaled).
 
-    onednn: fp32 matmuls on oneDNN, as vaekit.train.fast_fp32_matmuls routes them (call only
+    onednn: fp32 matmuls on oneDNN, as vaekit.train.onednn_fp32_matmuls routes them (call only
     where _onednn_keeps_fp32()); otherwise torch's default path (MKL for fp32, oneDNN for bf16).
     """
     layers = [m for m in model.decoder if isinstance(m, nn.Linear)]
@@ -138,7 +138,7 @@ def time_limit(model, plan: Counter, dtype: torch.dtype, fraction: float,
         h = [torch.randn(rows, layers[0].in_features).to(dtype)]
         h += [torch.empty(rows, m.out_features, dtype=dtype) for m in layers]
         reps = max(1, round(count * fraction))
-        with fast_fp32_matmuls(torch.device("cpu"), rows) if onednn else contextlib.nullcontext():
+        with onednn_fp32_matmuls() if onednn else contextlib.nullcontext():
             for i, (w, b) in enumerate(weights):  # warm-up
                 torch.addmm(b, h[i], w, out=h[i + 1])
             with Timer() as t:
@@ -267,7 +267,7 @@ def main() -> None:
                 print(f"        matmul limit, {default_path} (the path log_px takes): "
                       f"{limits[name, prec][False].describe(t)}")
                 if onednn:
-                    print(f"        matmul limit, oneDNN fp32 (fast_fp32_matmuls; not used by log_px): "
+                    print(f"        matmul limit, oneDNN fp32 (onednn_fp32_matmuls; not used by log_px): "
                           f"{limits[name, prec][True].describe(t)}")
                 else:
                     print("        matmul limit, oneDNN fp32: n/a (oneDNN would round fp32 matmuls to bf16 here)")

@@ -211,9 +211,9 @@ def test_gaussian_proposal_only_for_a_diagonal_q_and_a_standard_normal_prior():
 
 
 def test_onednn_fp32_matmuls_leave_log_px_unchanged():
-    """bench/eval_speed.py times a second limit with fp32 matmuls on oneDNN (vaekit.train.fast_fp32_matmuls):
+    """bench/eval_speed.py times a second limit with fp32 matmuls on oneDNN (vaekit.train.onednn_fp32_matmuls):
     where that routing applies it must compute the same log p(x)."""
-    from vaekit.train import _onednn_keeps_fp32, fast_fp32_matmuls
+    from vaekit.train import _onednn_keeps_fp32, onednn_fp32_matmuls
 
     if not _onednn_keeps_fp32():
         pytest.skip("oneDNN would not keep fp32 matmuls in fp32 on this CPU, so nothing is routed")
@@ -221,7 +221,7 @@ def test_onednn_fp32_matmuls_leave_log_px_unchanged():
     model = build(ModelConfig(latent_dim=8, hidden=(64,), activation="relu", input_shape=(1, 12, 12)))
     x = binary_images(100, shape=(1, 12, 12))
     default = ev.log_px(model, x, 40, seed=0)
-    with fast_fp32_matmuls(torch.device("cpu"), 100):
+    with onednn_fp32_matmuls():
         assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # the routing is on
         routed = ev.log_px(model, x, 40, seed=0)
     torch.testing.assert_close(routed, default, atol=1e-5, rtol=0)

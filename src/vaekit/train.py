@@ -229,9 +229,19 @@ def fast_fp32_matmuls(device: torch.device, batch_size: int):
     result is still fp32-exact (it would not be on a CPU with AMX) and oneDNN measured faster
     (_onednn_is_faster), and restore it after. Small batches (< 64) are faster on MKL.
     """
-    previous = torch.backends.mkldnn.matmul.fp32_precision
     if device.type == "cpu" and batch_size >= 64 and _onednn_is_faster():
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        with onednn_fp32_matmuls():
+            yield
+    else:
+        yield
+
+
+@contextmanager
+def onednn_fp32_matmuls():
+    """Send fp32 matmuls to oneDNN (by allowing it bf16 math), unconditionally; call only where
+    _onednn_keeps_fp32() says they stay fp32 there."""
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     try:
         yield
     finally:
