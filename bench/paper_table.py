@@ -114,6 +114,19 @@ def run_row(name: str, out: Path, args, splits) -> dict:
     return result
 
 
+def markdown(out: Path) -> str:
+    """The table of every finished row under ``out``, in Markdown, beside the paper's numbers."""
+    lines = ["| row | epochs (best) | NLL, ours | paper | gap | −ELBO | active units | train s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(out.glob("*/paper_result.json"), key=lambda p: ROWS.index(p.parent.name)):
+        r = json.loads(path.read_text())
+        paper = PAPER[parse_row(r["row"])]
+        lines.append(f"| {r['row']} | {r['epochs']} ({r['best_epoch']}) | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | "
+                     f"{paper:.2f} | {r['nll'] - paper:+.2f} | {r['nelbo']:.2f} | {r['active_units']} | "
+                     f"{r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def figure(out: Path, path: Path) -> None:
     """Test NLL against epochs for every row under ``out`` that has a curve, beside the paper's numbers."""
     import matplotlib
@@ -153,6 +166,7 @@ def main() -> None:
                     help="test images for the NLL-vs-epoch curve, measured at epochs 1, 2, 3, 5, 10, 20, ...")
     ap.add_argument("--figure", type=Path, default=None,
                     help="only draw the NLL-vs-epoch figure of the rows under --out into this file")
+    ap.add_argument("--markdown", action="store_true", help="only print the finished rows under --out as Markdown")
     ap.add_argument("--k", type=int, default=5000, help="importance samples for the test NLL (paper: 5000)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
@@ -160,6 +174,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.figure is not None:
         return figure(args.out, args.figure)
+    if args.markdown:
+        return print(markdown(args.out))
     rows = ROWS if args.rows == ["all"] else args.rows
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

@@ -50,7 +50,11 @@ def run_figures(
     if y is not None:
         figs["classes.png"] = plots.by_class(generate.by_class(model, 10, seed=seed))
     if model.latent_dim == 2:
-        figs["manifold.png"] = plots.manifold(generate.manifold(model, 20), 20)
+        if y is None:
+            figs["manifold.png"] = plots.manifold(generate.manifold(model, 20), 20)
+        else:
+            figs["manifold.png"] = plots.manifold(generate.manifold(model, 20, label=0), 20,
+                                                  title="Learned 2-D manifold of class 0 (the label fixed, z varied)")
     pairs = torch.randperm(len(x), generator=g)[:10].view(5, 2)  # 5 random pairs of images
     figs["interpolations.png"] = plots.interpolations(generate.interpolate(
         model, x[pairs[:, 0]], x[pairs[:, 1]], steps=10,
