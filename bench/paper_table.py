@@ -114,32 +114,37 @@ def run_row(name: str, out: Path, args, splits) -> dict:
     return result
 
 
-def markdown(out: Path) -> str:
-    """The table of every finished row under ``out``, in Markdown, beside the paper's numbers."""
+def markdown(out: Path, tag: str = "") -> str:
+    """The table of every finished row under ``out``, in Markdown, beside the paper's numbers (rows named + tag)."""
     lines = ["| row | epochs (best) | NLL, ours | paper | gap | −ELBO | active units | train s | eval s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(out.glob("*/paper_result.json"), key=lambda p: ROWS.index(p.parent.name)):
         r = json.loads(path.read_text())
         paper = PAPER[parse_row(r["row"])]
-        lines.append(f"| {r['row']} | {r['epochs']} ({r['best_epoch']}) | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | "
+        lines.append(f"| {r['row']}{tag} | {r['epochs']} ({r['best_epoch']}) | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | "
                      f"{paper:.2f} | {r['nll'] - paper:+.2f} | {r['nelbo']:.2f} | {r['active_units']} | "
                      f"{r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
     return "\n".join(lines)
 
 
-def figure(out: Path, path: Path) -> None:
-    """Test NLL against epochs for every row under ``out`` that has a curve, beside the paper's numbers."""
+def figure(outs: list[Path], path: Path) -> None:
+    """Test NLL against epochs for every row under the ``outs`` that has a curve, beside the paper's numbers.
+
+    Rows from the second and later directories are labelled with their directory's name.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, curve_path in enumerate(sorted(out.glob("*/curve.jsonl"))):
+    curves = [(c, j) for j, out in enumerate(outs) for c in sorted(out.glob("*/curve.jsonl"))]
+    for i, (curve_path, j) in enumerate(curves):
         name = curve_path.parent.name
         pts = runs.read_jsonl(curve_path)
         color = f"C{i}"
-        ax.plot([p["epoch"] for p in pts], [p["nll"] for p in pts], "o-", color=color, label=name, ms=3)
+        label = name if j == 0 else f"{name} ({outs[j].name})"
+        ax.plot([p["epoch"] for p in pts], [p["nll"] for p in pts], "o-", color=color, label=label, ms=3)
         ax.axhline(PAPER[parse_row(name)], color=color, ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_ylim(min(PAPER.values()) - 2, 125)  # the first epochs sit far above; the end is what matters
@@ -167,15 +172,18 @@ def main() -> None:
     ap.add_argument("--figure", type=Path, default=None,
                     help="only draw the NLL-vs-epoch figure of the rows under --out into this file")
     ap.add_argument("--markdown", action="store_true", help="only print the finished rows under --out as Markdown")
+    ap.add_argument("--also", type=Path, nargs="*", default=[],
+                    help="with --figure/--markdown: further output directories (other recipes) to include")
     ap.add_argument("--k", type=int, default=5000, help="importance samples for the test NLL (paper: 5000)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     if args.figure is not None:
-        return figure(args.out, args.figure)
+        return figure([args.out, *args.also], args.figure)
     if args.markdown:
-        return print(markdown(args.out))
+        tables = [markdown(args.out)] + ["\n".join(markdown(o, f" ({o.name})").splitlines()[2:]) for o in args.also]
+        return print("\n".join(t for t in tables if t))
     rows = ROWS if args.rows == ["all"] else args.rows
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
