@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vaekit.cli import main
 
@@ -95,6 +96,7 @@ def test_resume_continues_a_run(tmp_path, npz):
     (["eval", "{tmp}/no-such-run"], ["does not exist"]),
     (["sample", "{tmp}/model.pt"], ["pickle"]),
     (["data", "fetch", "cifar"], ["mnist"]),
+    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--threads", "0"], ["--threads"]),
 ])
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, npz, capsys, args, words):
     (tmp_path / "model.pt").write_bytes(b"\x80\x04K\x01.")  # a pickle of the int 1
@@ -141,3 +143,12 @@ def test_subprocess_train_and_eval(tmp_path, npz):
     proc = subprocess.run([sys.executable, "-m", "vaekit", "eval", str(tmp_path / "nope")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_threads_option_sets_torch_threads(tmp_path, npz):
+    before = torch.get_num_threads()
+    try:
+        assert main([*train_args(tmp_path / "r", npz), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -31,6 +31,14 @@ data_app = typer.Typer(help="Fetch, import and inspect data sets.", no_args_is_h
 app.add_typer(data_app, name="data")
 
 
+def _set_threads(threads: Optional[int]) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}.")
+    torch.set_num_threads(threads)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,9 +197,12 @@ def train(
                                                    "steps, not only after each epoch (for runs that may be killed)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's "
+                                          "choice, the physical cores)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train a VAE and write a run directory with weights, metrics, figures and a report."""
+    _set_threads(threads)
     from vaekit.data import check_unit_range, load_data
     from vaekit.models import build
     from vaekit.train import fit, labels_for
@@ -362,12 +373,15 @@ def eval_(
     seed: int = typer.Option(0, "--seed", help="Seed of the importance samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's "
+                                          "choice, the physical cores)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Estimate log p(x) by importance sampling (q(z|x) as proposal, k samples), plus the ELBO parts, in nats.
 
     The result is also written into the run's summary.json (under "<split>_eval") and report.html.
     """
+    _set_threads(threads)
     from vaekit.evaluate import evaluate
 
     if split not in ("valid", "test"):
