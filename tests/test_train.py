@@ -339,3 +339,25 @@ def test_compiled_training_matches_eager(tmp_path):
                    progress=False)
     for a, b in zip(eager, compiled):
         assert b["valid_nelbo"] == pytest.approx(a["valid_nelbo"], abs=1e-2)
+
+
+def test_a_run_keeps_its_matmul_path_when_resumed(tmp_path, monkeypatch):
+    """The oneDNN/MKL choice is timed once per run and stored, so a resume computes the same way."""
+    monkeypatch.setattr(train, "prefer_onednn", lambda device, batch_size: True)
+    cfg = toy_config(epochs=2)
+
+    def crash(record):
+        raise Crash
+
+    with pytest.raises(Crash):
+        fit(build(cfg.model, seed=0), cfg, toy_splits(), tmp_path, progress=False, on_epoch=crash)
+    assert _state_meta(tmp_path)[0]["onednn_fp32"] == train._onednn_keeps_fp32()
+
+    def must_not_be_asked(device, batch_size):
+        raise AssertionError("a resumed run re-chose its matmul path")
+
+    monkeypatch.setattr(train, "prefer_onednn", must_not_be_asked)
+    seen = []
+    monkeypatch.setattr(train, "onednn_fp32_matmuls", lambda: seen.append(1) or train.nullcontext())
+    fit(build(cfg.model, seed=0), cfg, toy_splits(), tmp_path, resume=True, progress=False)
+    assert bool(seen) == train._onednn_keeps_fp32()

@@ -221,19 +221,15 @@ def _onednn_is_faster() -> bool:
     return onednn < 0.95 * default
 
 
-@contextmanager
-def fast_fp32_matmuls(device: torch.device, batch_size: int):
-    """Workaround: run fp32 matmuls on oneDNN rather than MKL where oneDNN keeps them exact and is faster.
+def prefer_onednn(device: torch.device, batch_size: int) -> bool:
+    """Whether to run this training's fp32 matmuls on oneDNN rather than MKL (a workaround).
 
-    torch routes fp32 matmuls to oneDNN only when bf16 math is allowed, so allow it where the
-    result is still fp32-exact (it would not be on a CPU with AMX) and oneDNN measured faster
-    (_onednn_is_faster), and restore it after. Small batches (< 64) are faster on MKL.
+    torch routes fp32 matmuls to oneDNN only when bf16 math is allowed (onednn_fp32_matmuls);
+    do so where the result is still fp32-exact (it would not be on a CPU with AMX) and oneDNN
+    measured faster (_onednn_is_faster). Small batches (< 64) are faster on MKL. A run records
+    the choice in its checkpoint, so a resume takes the same path and stays bitwise exact.
     """
-    if device.type == "cpu" and batch_size >= 64 and _onednn_is_faster():
-        with onednn_fp32_matmuls():
-            yield
-    else:
-        yield
+    return device.type == "cpu" and batch_size >= 64 and _onednn_is_faster()
 
 
 @contextmanager
@@ -381,7 +377,12 @@ def fit(
     schedule = lr_schedule(tc, steps_per_epoch * tc.epochs)
     step_loss = None  # the compiled loss, when asked for and it works
     beta_t = torch.zeros((), device=device)  # β for the compiled loss, refilled every step
-    with fast_fp32_matmuls(device, tc.batch_size), flush_denormals():
+    # The matmul path is chosen once per run (timing can differ between processes) and kept.
+    if "onednn_fp32" not in state:
+        state["onednn_fp32"] = prefer_onednn(device, tc.batch_size)
+    state["onednn_fp32"] = state["onednn_fp32"] and _onednn_keeps_fp32()
+    routing = onednn_fp32_matmuls() if state["onednn_fp32"] else nullcontext()
+    with routing, flush_denormals():
         model.train()
         if tc.compile:
             probe = data.x[: tc.batch_size].float().mul_(data.scale)  # rounded, not sampled: no RNG used

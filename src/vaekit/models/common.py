@@ -52,7 +52,8 @@ def join_label(h: torch.Tensor, y: torch.Tensor | None, n_classes: int) -> torch
     y = torch.as_tensor(y, device=h.device)
     if y.shape != h.shape[-2:-1]:
         raise ConfigError(f"got {tuple(y.shape)} labels for a batch of {h.shape[-2]}; give one label per example.")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+    # Checked where it costs no device sync (on CUDA one_hot itself refuses bad labels).
+    if y.device.type == "cpu" and len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
         raise ConfigError(f"labels must lie in 0..{n_classes - 1} for this model; got {int(y.min())}..{int(y.max())}.")
     code = nn.functional.one_hot(y.long(), n_classes).to(h.dtype)
     return torch.cat([h, code.expand(*h.shape[:-1], n_classes)], dim=-1)
