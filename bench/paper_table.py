@@ -26,7 +26,7 @@ from vaekit.config import RunConfig, merge, preset
 from vaekit.data import load_data
 from vaekit.evaluate import evaluate
 from vaekit.models import build
-from vaekit.train import eval_set, fit
+from vaekit.train import eval_set, fit, selection_score
 
 # (layers, objective, k) -> the paper's test NLL in nats (Table 1).
 PAPER = {
@@ -101,8 +101,7 @@ def run_row(name: str, out: Path, args, splits) -> dict:
     ev = evaluate(best, x_test, k=args.k, precision=args.precision, seed=0, progress=args.progress)
     tc = cfg.train
     result = {
-        "row": name, "epochs": len(metrics), "best_epoch": min(metrics, key=lambda m: m.get(
-            "valid_iwae_loss", m["valid_nelbo"]))["epoch"],
+        "row": name, "epochs": len(metrics), "best_epoch": min(metrics, key=selection_score)["epoch"],
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(time.perf_counter() - t1, 1), "nll": ev["nll"], "nll_stderr": ev["nll_stderr"],
         "nelbo": ev["nelbo"], "active_units": ev["active_units"], "k_eval": args.k, "precision": args.precision,

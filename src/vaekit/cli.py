@@ -122,7 +122,7 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
     """After training: test ELBO of the best weights, figures, summary.json and report.html."""
     from vaekit import figures
     from vaekit.data import load_data
-    from vaekit.train import elbo_means, eval_set, labels_for
+    from vaekit.train import elbo_means, eval_set, labels_for, selection_score
 
     cfg = runs.load_config(run)
     model = runs.load(run)
@@ -138,8 +138,7 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
         "latent_dim": cfg.model.latent_dim,
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": len(metrics),
-        "best_epoch": min(metrics, key=lambda m: m.get("valid_iwae_loss", m["valid_nelbo"]))["epoch"]
-        if metrics else None,
+        "best_epoch": min(metrics, key=selection_score)["epoch"] if metrics else None,
         "train_seconds": round(sum(m["seconds"] for m in metrics), 2),
         split: {"elbo": -ev["nelbo"], **ev, "n_images": len(x), "binarization": cfg.data.binarize,
                 "binarize_seed": cfg.data.binarize_seed, "estimator": "ELBO, 1 sample of z per image"},

@@ -45,6 +45,14 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 
 
+def _prior_draw(model, n: int, seed: int | None) -> torch.Tensor:
+    """n codes z ~ p(z), (n, D); with a seed repeatable, and the global random state left untouched."""
+    with torch.random.fork_rng(devices=[] if _device(model).type == "cpu" else [_device(model)]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return model.prior().sample((n,))
+
+
 @torch.no_grad()
 def encode_mean(model, x: torch.Tensor, batch_size: int = 1000, y: torch.Tensor | None = None) -> torch.Tensor:
     """E_q[z|x] for each x: the code to use downstream. (N, *shape) -> (N, D)."""
@@ -72,11 +80,7 @@ def sample(model, n: int, seed: int | None = None, label: int | torch.Tensor | N
     state is left untouched.
     """
     y = _labels(model, label, n)
-    with torch.random.fork_rng(devices=[] if _device(model).type == "cpu" else [_device(model)]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        z = model.prior().sample((n,))  # (n, D)
-    return decode(model, z, _on(y, _device(model))).mean.cpu()
+    return decode(model, _prior_draw(model, n, seed), _on(y, _device(model))).mean.cpu()
 
 
 @torch.no_grad()
@@ -109,8 +113,10 @@ def manifold(model, n: int = 20, label: int | None = None) -> torch.Tensor:
     """
     if model.latent_dim != 2:
         raise ValueError(f"the manifold grid needs a 2-D latent space; this model has {model.latent_dim}.")
+    if label is None and n_classes(model):
+        label = 0
     z = manifold_z(n)
-    return decode_mean(model, z, _labels(model, label if label is not None or not n_classes(model) else 0, len(z)))
+    return decode_mean(model, z, _labels(model, label, len(z)))
 
 
 @torch.no_grad()
@@ -119,10 +125,7 @@ def by_class(model, per_class: int = 10, seed: int = 0) -> torch.Tensor:
     classes = n_classes(model)
     if not classes:
         raise ConfigError("by_class needs a conditional model (n_classes > 0).")
-    with torch.random.fork_rng(devices=[] if _device(model).type == "cpu" else [_device(model)]):
-        torch.manual_seed(seed)
-        z = model.prior().sample((per_class,))  # (per_class, D)
-    z = z.expand(classes, -1, -1)  # (C, per_class, D)
+    z = _prior_draw(model, per_class, seed).expand(classes, -1, -1)  # (C, per_class, D)
     y = torch.arange(classes)[:, None].expand(-1, per_class)
     return decode_mean(model, z, y)
 

@@ -284,6 +284,12 @@ def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfi
     return fn
 
 
+def selection_score(record: dict) -> float:
+    """What an epoch's metrics record is ranked by to keep the best weights (lower is better):
+    the validation −L_k for IWAE runs, the validation −ELBO otherwise."""
+    return record.get("valid_iwae_loss", record["valid_nelbo"])
+
+
 @torch.no_grad()
 def valid_loss(model, x: torch.Tensor, tc: TrainConfig, seed: int = 0, y: torch.Tensor | None = None) -> float | None:
     """−L_k on x with the training k, for IWAE runs (None otherwise): what their best epoch is chosen by.
@@ -472,7 +478,7 @@ def fit(
                 "skipped_steps": skipped,
                 "seconds": seconds + time.perf_counter() - t0,
             }
-            score = valid["nelbo"] if v_loss is None else v_loss  # lower is better
+            score = selection_score(record)  # "best_valid_nelbo" keeps its name so that older checkpoints resume
             improved = state["best_valid_nelbo"] is None or score < state["best_valid_nelbo"]
             if improved:
                 state["best_valid_nelbo"], state["best_epoch"] = score, epoch
