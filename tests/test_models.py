@@ -82,3 +82,23 @@ def test_save_load_round_trip_gives_identical_outputs(cfg, tmp_path):
 
 def test_registry_rejects_unknown_arch():
     assert "mlp" in REGISTRY
+
+
+@pytest.mark.parametrize("logit_shape, x_shape", [
+    ((32, 1, 6, 6), (32, 1, 6, 6)),  # one sample per image
+    ((5, 32, 1, 6, 6), (32, 1, 6, 6)),  # k samples against the images, broadcast
+    ((5, 32, 36), (32, 36)),  # flat data
+])
+def test_bernoulli_likelihood_is_bitwise_torch_distributions(logit_shape, x_shape):
+    from vaekit.models.common import IndependentBernoulli
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(logit_shape, generator=g) * 6).requires_grad_()
+    x = (torch.rand(x_shape, generator=g) < 0.3).float()
+    n = len(x_shape) - 1
+    ours = IndependentBernoulli(logits, n).log_prob(x)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), logits)
+    ref = Independent(Bernoulli(logits=logits), n).log_prob(x)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), logits)
+    assert ours.shape == ref.shape == logit_shape[: len(logit_shape) - n]
+    assert torch.equal(ours, ref) and torch.equal(grad_ours, grad_ref)
