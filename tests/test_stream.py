@@ -181,6 +181,7 @@ def test_cli_trains_on_a_streamed_file_and_refuses_a_bad_one_leaving_nothing(tmp
     args = ["train", "--latent-dim", "2", "--hidden", "16", "--epochs", "1", "--batch-size", "30", "--no-progress",
             "--binarize", "dynamic", "--stream", "yes"]
     assert main([*args, "--data", str(npy), "--out", str(run)]) == 0
+    assert "training batches are read from disk" in capsys.readouterr().err
     assert runs.load_config(run).data.stream == "yes"
     assert json.loads((run / "summary.json").read_text())["epochs"] == 1
     assert main(["data", "info", str(npy)]) == 0

@@ -262,6 +262,10 @@ def train(
 
     # Load and check the data before writing anything, so bad data leaves no run behind.
     splits = load_splits(cfg.data)
+    if splits.train.streamed:
+        typer.echo(f"{splits.train.source}: training batches are read from disk as they are needed "
+                   f"({splits.train.source.stat().st_size / 2**30:.1f} GiB; --stream {cfg.data.stream}); "
+                   "the validation split is in memory.", err=True)
     if cfg.model.likelihood == "bernoulli":
         for ds in (splits.train, splits.valid, splits.test):
             if ds is not None:
