@@ -301,7 +301,7 @@ def test_iwae_runs_pick_their_best_epoch_by_the_validation_bound(tmp_path):
     state = _state_meta(tmp_path)[0]
     best = min(metrics, key=lambda m: m["valid_iwae_loss"])
     assert state["best_epoch"] == best["epoch"]
-    assert state["best_valid_nelbo"] == pytest.approx(best["valid_iwae_loss"])
+    assert state["best_score"] == pytest.approx(best["valid_iwae_loss"])
 
 
 def test_elbo_runs_record_no_iwae_bound(tmp_path):
@@ -361,3 +361,20 @@ def test_a_run_keeps_its_matmul_path_when_resumed(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "onednn_fp32_matmuls", lambda: seen.append(1) or train.nullcontext())
     fit(build(cfg.model, seed=0), cfg, toy_splits(), tmp_path, resume=True, progress=False)
     assert bool(seen) == train._onednn_keeps_fp32()
+
+
+def test_a_checkpoint_from_before_best_score_was_named_resumes_as_before(tmp_path):
+    from safetensors.torch import save_file
+
+    splits, one, two = toy_splits(), toy_config(epochs=1), toy_config(epochs=2)
+    straight = fit(build(two.model, seed=0), two, splits, tmp_path / "straight", progress=False)
+    old = tmp_path / "old"
+    fit(build(one.model, seed=0), one, splits, old, progress=False)
+    with safe_open(str(old / "state.safetensors"), framework="pt") as f:  # write it as older versions did
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(meta["state"])
+    state["best_valid_nelbo"] = state.pop("best_score")
+    save_file(tensors, str(old / "state.safetensors"), metadata={**meta, "state": json.dumps(state)})
+    resumed = fit(build(two.model, seed=3), two, splits, old, resume=True, progress=False)
+    assert _without_seconds(resumed) == _without_seconds(straight)
+    assert _state_meta(old)[0] == _state_meta(tmp_path / "straight")[0]

@@ -418,7 +418,7 @@ def fit(
     # fused: one vectorised kernel over all parameters (bench/train_speed.py: ~3x faster step than foreach on CPU)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=True)
     gen = torch.Generator().manual_seed(tc.seed)  # data order and binarization draws
-    state = {"epoch": 0, "step": 0, "best_epoch": None, "best_valid_nelbo": None, "skipped_steps": 0,
+    state = {"epoch": 0, "step": 0, "best_epoch": None, "best_score": None, "skipped_steps": 0,
              "skipped_in_a_row": 0}
     part: dict | None = None  # an epoch checkpointed part-way: where to pick it up
     metrics: list[dict] = []
@@ -431,6 +431,8 @@ def fit(
                            "(state.safetensors); train it again from the start.")
         state, epoch_tensors = load_state(run, model, opt, gen)
         state.setdefault("skipped_in_a_row", 0)
+        if "best_valid_nelbo" in state:  # the name checkpoints before 2026-11-25 gave the selection score
+            state["best_score"] = state.pop("best_valid_nelbo")
         part = state.pop("part", None)
         if part is not None:
             if part["batch_size"] != tc.batch_size or len(epoch_tensors["epoch.order"]) != n:
@@ -551,10 +553,10 @@ def fit(
                 "skipped_steps": skipped,
                 "seconds": seconds + time.perf_counter() - t0,
             }
-            score = selection_score(record)  # "best_valid_nelbo" keeps its name so that older checkpoints resume
-            improved = state["best_valid_nelbo"] is None or score < state["best_valid_nelbo"]
+            score = selection_score(record)
+            improved = state["best_score"] is None or score < state["best_score"]
             if improved:
-                state["best_valid_nelbo"], state["best_epoch"] = score, epoch
+                state["best_score"], state["best_epoch"] = score, epoch
             metrics.append(record)
             if run is not None:
                 # state.safetensors is written last: it is the commit point. A crash before it
