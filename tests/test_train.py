@@ -2,6 +2,7 @@
 
 import errno
 import json
+import warnings
 
 import pytest
 import torch
@@ -335,8 +336,11 @@ def test_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
 def test_compiled_training_matches_eager(tmp_path):
     cfg = toy_config(epochs=2, warmup_steps=5)
     eager = fit(build(cfg.model, seed=0), cfg, toy_splits(), None, progress=False)
-    compiled = fit(build(cfg.model, seed=0), toy_config(epochs=2, warmup_steps=5, compile=True), toy_splits(), None,
-                   progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = fit(build(cfg.model, seed=0), toy_config(epochs=2, warmup_steps=5, compile=True), toy_splits(),
+                       None, progress=False)
+    assert not [w for w in caught if "--compile" in str(w.message)], "it fell back to eager: nothing was compiled"
     for a, b in zip(eager, compiled):
         assert b["valid_nelbo"] == pytest.approx(a["valid_nelbo"], abs=1e-2)
 
