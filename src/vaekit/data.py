@@ -174,7 +174,7 @@ def check_unit_range(ds: Dataset) -> None:
     """DataError if float data leaves [0, 1] (needed by the Bernoulli likelihood)."""
     if ds.x.dtype == torch.uint8:
         return
-    lo, hi = ds.x.min().item(), ds.x.max().item()
+    lo, hi = (v.item() for v in torch.aminmax(ds.x))  # one pass (a streamed file: the whole file, once)
     if lo < 0 or hi > 1:
         raise DataError(f"{ds.name}: values range from {lo:g} to {hi:g}, but a Bernoulli likelihood "
                         "needs data in [0, 1]. Rescale the data to [0, 1] or use "
