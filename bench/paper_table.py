@@ -53,7 +53,7 @@ def row_config(name: str, args) -> RunConfig:
     # "VAE, k samples" is the ELBO with its reconstruction term averaged over k draws.
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
              "lr_min": args.lr * args.lr_min_factor, "objective": "iwae" if obj == "iwae" and k > 1 else "elbo",
-             "k": k, "warmup_steps": args.warmup if obj == "vae" else 0}
+             "k": k, "warmup_steps": args.warmup}
     model = {} if args.activation is None else {"activation": args.activation}
     return RunConfig.from_dict(merge(base, {"model": model, "train": train, "preset": f"paper-{name}"}))
 
@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-min-factor", type=float, default=0.01, help="cosine schedule ends at lr times this")
-    ap.add_argument("--warmup", type=int, default=0, help="KL warm-up steps for the VAE rows (0: none)")
+    ap.add_argument("--warmup", type=int, default=0, help="KL warm-up steps (0: none); for the IWAE rows β weights log p(z) − log q(z|x) in each weight")
     ap.add_argument("--activation", default=None, choices=sorted(ACTIVATIONS),
                     help="hidden units (default: the paper's tanh); the layer sizes stay the paper's")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

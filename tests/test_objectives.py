@@ -8,7 +8,7 @@ from torch.distributions import Bernoulli, Independent, Normal
 
 from vaekit.config import ModelConfig
 from vaekit.models import build
-from vaekit.objectives import elbo, iwae_bound, log_weights
+from vaekit.objectives import elbo, iwae, iwae_bound, log_weights
 
 
 def tiny(likelihood="bernoulli", **kw):
@@ -89,6 +89,30 @@ def test_iwae_k1_equals_single_sample_log_weight_and_bounds_are_ordered():
     with torch.no_grad():
         means = [torch.stack([iwae_bound(model, x, k).mean() for _ in range(20)]).mean() for k in (1, 10, 100)]
     assert means[0] < means[1] < means[2]
+
+
+def test_iwae_beta_weights_the_log_ratio_inside_each_weight():
+    torch.manual_seed(3)
+    model = tiny()
+    x = torch.rand(8, 1, 4, 5).bernoulli()
+    torch.manual_seed(0)
+    plain = iwae(model, x, 7)
+    torch.manual_seed(0)
+    half = iwae(model, x, 7, beta=0.5)
+    torch.manual_seed(0)
+    q = model.encode(x)
+    z = q.rsample((7,))
+    log_lik = model.decode(z).log_prob(x)
+    log_ratio = model.prior().log_prob(z) - q.log_prob(z)
+    expected = -(torch.logsumexp(log_lik + 0.5 * log_ratio, 0) - math.log(7))
+    torch.testing.assert_close(half.loss, expected)
+    torch.testing.assert_close(plain.loss, -(torch.logsumexp(log_lik + log_ratio, 0) - math.log(7)))
+    torch.testing.assert_close(half.distortion, plain.distortion)  # the reported parts are unweighted
+    torch.testing.assert_close(half.rate, plain.rate)
+    assert (half.loss != plain.loss).all()
+    torch.manual_seed(0)  # k = 1: the ELBO's distortion + β·(sampled) rate
+    one = iwae(model, x, 1, beta=0.25)
+    torch.testing.assert_close(one.loss, one.distortion + 0.25 * one.rate)
 
 
 def test_gaussian_learned_sigma_is_trained():

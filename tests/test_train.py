@@ -382,3 +382,14 @@ def test_a_checkpoint_from_before_best_score_was_named_resumes_as_before(tmp_pat
     resumed = fit(build(two.model, seed=3), two, splits, old, resume=True, progress=False)
     assert _without_seconds(resumed) == _without_seconds(straight)
     assert _state_meta(old)[0] == _state_meta(tmp_path / "straight")[0]
+
+
+def test_kl_warm_up_reaches_iwae_training(tmp_path):
+    """β (and so --warmup) weights log p(z) − log q(z|x) in IWAE's weights; once, it was silently ignored."""
+    splits = toy_splits()
+    plain = fit(build(toy_config().model, seed=0), toy_config(epochs=1, objective="iwae", k=3), splits, None,
+                progress=False)
+    warm = fit(build(toy_config().model, seed=0), toy_config(epochs=1, objective="iwae", k=3, warmup_steps=50),
+               splits, None, progress=False)
+    assert warm[0]["train_loss"] < plain[0]["train_loss"] - 0.1  # β < 1 all epoch: a smaller loss (equal if ignored)
+    assert warm[0]["valid_iwae_loss"] != plain[0]["valid_iwae_loss"]

@@ -122,20 +122,28 @@ class IwaeParts(NamedTuple):
 
     distortion: torch.Tensor  # −(1/k) Σ_i log p(x|z_i): the k samples' average reconstruction term
     rate: torch.Tensor  # (1/k) Σ_i [log q(z_i|x) − log p(z_i)]: their average sampled KL
-    loss: torch.Tensor  # −L_k: what training minimises
+    loss: torch.Tensor  # −L_k (its β-weighted form for β ≠ 1): what training minimises
 
     @property
     def elbo_k(self) -> torch.Tensor:
+        """L_k (for β = 1)."""
         return -self.loss
 
 
-def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None) -> IwaeParts:
-    """The IWAE objective with k samples; distortion + rate is the k-sample average ELBO (≥ −L_k)."""
+def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
+         beta: float | torch.Tensor = 1.0) -> IwaeParts:
+    """The IWAE objective with k samples; distortion + rate is the k-sample average ELBO (≥ −L_k).
+
+    beta ≠ 1 weights log p(z) − log q(z|x) inside each log-weight, as β weights the KL in the
+    ELBO: the loss is then −logsumexp_i [log p(x|z_i) + β (log p(z_i) − log q(z_i|x))] + log k,
+    which is −L_k at β = 1 and, at k = 1, the ELBO's distortion + β·rate (a KL warm-up for IWAE).
+    """
     q = encode(model, x, y)
     z = q.rsample((k,))  # (k, B, D)
     log_px_z = decode(model, z, y).log_prob(x)  # (k, B)
     log_ratio = model.prior().log_prob(z) - q.log_prob(z)  # (k, B): log p(z) − log q(z|x)
-    bound = torch.logsumexp(log_px_z + log_ratio, dim=0) - math.log(k)
+    weighted = log_ratio if isinstance(beta, (int, float)) and beta == 1 else beta * log_ratio
+    bound = torch.logsumexp(log_px_z + weighted, dim=0) - math.log(k)
     return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound)
 
 

@@ -330,7 +330,7 @@ def objective(model, x: torch.Tensor, tc: TrainConfig, step: int, y: torch.Tenso
 def loss_parts(model, x: torch.Tensor, y: torch.Tensor | None, beta: float | torch.Tensor, tc: TrainConfig):
     """The objective's parts for a batch, with the KL weight ``beta`` given (a tensor when compiled)."""
     if tc.objective == "iwae":
-        return iwae(model, x, tc.k, y)
+        return iwae(model, x, tc.k, y, beta=beta)
     if tc.objective == "norm-penalty":
         return norm_penalty(model, x, tc.beta)
     return elbo(model, x, beta=beta, free_bits=tc.free_bits, k=tc.k, y=y)
