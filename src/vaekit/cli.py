@@ -476,19 +476,18 @@ def data_import(path: Path = typer.Argument(..., help="Folder with the 4 MNIST I
 @data_app.command("info")
 def data_info(spec: str = typer.Argument("mnist", help="'mnist' or a path.")) -> None:
     """Describe a data set: splits, shapes, dtypes, value range, labels."""
-    from vaekit.data import load_data
+    from vaekit.data import load_data, value_range
 
     splits = load_data(spec)
     for name in ("train", "valid", "test"):
         ds = getattr(splits, name)
         if ds is None:
             continue
-        x = ds.x if ds.streamed else ds.examples()  # a streamed file is scanned where it lies, all of it
-        scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
+        lo, hi = value_range(ds)
         labels = "none" if ds.y is None else f"{int(ds.y.max()) + 1} classes"
         where = f", streamed from {ds.source}" if ds.streamed else ""
         typer.echo(f"{name:>6}: {len(ds)} × {tuple(ds.shape)} {str(ds.x.dtype).replace('torch.', '')}, "
-                   f"values [{x.min().item() * scale:.3g}, {x.max().item() * scale:.3g}], labels {labels}{where}")
+                   f"values [{lo:.3g}, {hi:.3g}], labels {labels}{where}")
 
 
 @app.command()

@@ -170,11 +170,18 @@ def _as_labels(a: np.ndarray, n: int, name: str) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.int64))
 
 
+def value_range(ds: Dataset) -> tuple[float, float]:
+    """The smallest and largest value (uint8 as value/255), in one pass; of a streamed set, over its whole file."""
+    scale = 1 / 255 if ds.x.dtype == torch.uint8 else 1.0
+    lo, hi = torch.aminmax(ds.x)
+    return lo.item() * scale, hi.item() * scale
+
+
 def check_unit_range(ds: Dataset) -> None:
     """DataError if float data leaves [0, 1] (needed by the Bernoulli likelihood)."""
     if ds.x.dtype == torch.uint8:
         return
-    lo, hi = (v.item() for v in torch.aminmax(ds.x))  # one pass (a streamed file: the whole file, once)
+    lo, hi = value_range(ds)
     if lo < 0 or hi > 1:
         raise DataError(f"{ds.name}: values range from {lo:g} to {hi:g}, but a Bernoulli likelihood "
                         "needs data in [0, 1]. Rescale the data to [0, 1] or use "
@@ -343,7 +350,7 @@ def _check_stream(stream: str) -> None:
 def _streams(path: Path, stream: str) -> bool:
     """Whether `path` is read from disk batch by batch instead of into memory."""
     if stream == "yes":
-        if path.suffix != ".npy" or not path.is_file():
+        if path.suffix != ".npy" or path.is_dir():
             raise DataError(f"{path}: only a .npy file can be streamed from disk; save the array with "
                             "numpy.save(path, x) (uint8 or float32), or load it into memory (stream 'auto' or 'no').")
         return True
@@ -385,14 +392,12 @@ def load_path(path: Path, stream: str = "auto") -> Dataset:
     """
     _check_stream(stream)
     path = Path(path).expanduser()
-    if path.is_dir():
-        if stream == "yes":
-            _streams(path, stream)  # raises: say so before reading a folder of images
-        return _load_image_folder(path)
-    if not path.is_file():
+    if not (path.is_dir() or path.is_file()):
         raise DataError(f"{path}: no such file or folder; accepted: {ACCEPTED}.")
     if _streams(path, stream):
         return _stream_npy(path)
+    if path.is_dir():
+        return _load_image_folder(path)
     try:
         if path.suffix == ".npz":
             return _load_npz(path)

@@ -142,8 +142,7 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     z = q.rsample((k,))  # (k, B, D)
     log_px_z = decode(model, z, y).log_prob(x)  # (k, B)
     log_ratio = model.prior().log_prob(z) - q.log_prob(z)  # (k, B): log p(z) − log q(z|x)
-    weighted = log_ratio if isinstance(beta, (int, float)) and beta == 1 else beta * log_ratio
-    bound = torch.logsumexp(log_px_z + weighted, dim=0) - math.log(k)
+    bound = torch.logsumexp(log_px_z + beta * log_ratio, dim=0) - math.log(k)  # 1.0 · r is r, bit for bit
     return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound)
 
 
