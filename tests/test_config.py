@@ -22,6 +22,9 @@ def test_json_round_trip_is_exact():
     ({"model": {"latent_dim": 0}}, ["latent_dim", "at least 1"]),
     ({"train": {"batch_size": -5}}, ["batch_size"]),
     ({"train": {"lr": 0}}, ["lr"]),
+    ({"data": {"mnist_valid": 0}}, ["mnist_valid", "between 1 and 59999"]),
+    ({"data": {"mnist_valid": 60000}}, ["mnist_valid", "between 1 and 59999"]),
+    ({"data": {"source": "my.npz", "mnist_valid": 400}}, ["mnist_valid", "'my.npz'", "valid_fraction"]),
 ])
 def test_bad_config_names_the_problem(bad, words):
     with pytest.raises(ConfigError) as e:

@@ -578,6 +578,19 @@ def test_load_data_mnist(tmp_path, fake):
     assert s.train.shape == (1, 28, 28) and s.test.name == "mnist-test"
 
 
+def test_load_data_mnist_valid_moves_the_cut(tmp_path, fake):
+    """mnist_valid holds out that many of the last training images (Burda et al.: 400 of 60k)."""
+    write_cache(tmp_path, fake)
+    usual, paper = load_data("mnist", home=tmp_path), load_data("mnist", home=tmp_path, mnist_valid=2)
+    assert (len(usual.train), len(usual.valid)) == (8, 4) and (len(paper.train), len(paper.valid)) == (10, 2)
+    for s in (usual, paper):  # train then valid is the canonical training set, in order
+        assert np.array_equal(torch.cat([s.train.x, s.valid.x]).squeeze(1).numpy(), fake["x_train"])
+        assert torch.equal(s.test.x, usual.test.x)
+    for bad in (0, 12, True, 2.0):
+        with pytest.raises(DataError, match="mnist_valid must be a whole number from 1 to 11"):
+            load_data("mnist", home=tmp_path, mnist_valid=bad)
+
+
 # ---------------------------------------------------------------- binarize / range
 
 

@@ -66,7 +66,10 @@ class DataConfig:
     binarize: Binarize = "dynamic"
     binarize_seed: int = 0  # for "static" training data and for the fixed binarized eval sets
     subset: int | None = None  # use only the first N training examples
-    valid_fraction: float = 0.1  # user data only: MNIST has a fixed 50k/10k split
+    valid_fraction: float = 0.1  # user data only; for MNIST see mnist_valid
+    # MNIST only: how many of its 60k training images (the last ones) are held out for validation.
+    # None: the usual 10000 (a 50k/10k split); Burda et al. 2015 held out 400 and trained on the rest.
+    mnist_valid: int | None = None
     split_seed: int = 0
     stream: Literal["auto", "yes", "no"] = "auto"  # .npy files: read batches from disk ("auto": if larger than memory)
 
@@ -75,6 +78,12 @@ class DataConfig:
             raise ConfigError(f"subset must be at least 1, got {self.subset}.")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}.")
+        if self.mnist_valid is not None and not 1 <= self.mnist_valid < 60_000:
+            raise ConfigError(f"mnist_valid must be between 1 and 59999 of MNIST's 60000 training images, "
+                              f"got {self.mnist_valid}.")
+        if self.mnist_valid is not None and self.source != "mnist":
+            raise ConfigError(f"mnist_valid sets MNIST's validation split, but the data is {self.source!r}; "
+                              "use valid_fraction for your own data.")
         if self.stream not in ("auto", "yes", "no"):
             raise ConfigError(f"stream must be auto, yes or no; got {self.stream!r}.")
         if self.stream == "yes" and self.binarize == "static":
@@ -96,6 +105,7 @@ class TrainConfig:
     objective: Literal["elbo", "iwae", "norm-penalty"] = "elbo"  # norm-penalty: the poor man's VAE loss
     k: int = 1  # samples of z per example: IWAE's importance samples, or the ELBO averaged over k (Burda et al. 2015)
     warmup_steps: int = 0  # β rises linearly from 0 over this many steps (KL warm-up)
+    dreg: bool = False  # IWAE only: the doubly reparameterized encoder gradient (Tucker et al. 2019)
     free_bits: float = 0.0  # nats: a floor on each latent dimension's KL in the loss (Kingma et al. 2016)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_min: float = 0.0  # where the cosine schedule ends
@@ -123,6 +133,9 @@ class TrainConfig:
         if self.objective == "iwae" and (self.free_bits > 0 or self.beta != 1.0):
             raise ConfigError("free bits and β apply to the ELBO's KL term; the IWAE objective has none. "
                               "Drop --free-bits/--beta or use --objective elbo.")
+        if self.dreg and self.objective != "iwae":
+            raise ConfigError("dreg (the doubly reparameterized gradient) is an estimator for the IWAE objective; "
+                              "use --objective iwae or drop dreg.")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be at least 1 step (or unset), got {self.checkpoint_every}.")
 

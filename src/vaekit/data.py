@@ -603,9 +603,9 @@ def import_mnist(path: Path, home: Path | None = None) -> Path:
     return _write_cache(mnist_cache_path(home), verify_mnist(arrays, str(path)))
 
 
-def _mnist_split(arrays: dict[str, np.ndarray], split: str) -> Dataset:
+def _mnist_split(arrays: dict[str, np.ndarray], split: str, n_valid: int | None = None) -> Dataset:
     x, y = (arrays["x_test"], arrays["y_test"]) if split == "test" else (arrays["x_train"], arrays["y_train"])
-    cut = len(x) - MNIST_N_VALID
+    cut = len(x) - (MNIST_N_VALID if n_valid is None else n_valid)
     rows = {"train": slice(0, cut), "valid": slice(cut, None)}.get(split, slice(None))
     x = torch.from_numpy(x[rows]).unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
     return Dataset(x, torch.from_numpy(y[rows].astype(np.int64)), f"mnist-{split}")
@@ -632,8 +632,11 @@ def _mnist_ready(home: Path | None, fetch: bool) -> Path:
 
 
 def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0.1,
-              split_seed: int = 0, stream: str = "auto", home=None) -> Splits:
+              split_seed: int = 0, stream: str = "auto", mnist_valid: int | None = None, home=None) -> Splits:
     """'mnist' -> its fixed splits; any other spec is a path split into train/valid by a seeded permutation.
+
+    mnist_valid: for MNIST, how many of the 60k training images, the last ones, form the
+    validation split (None: 10k, the usual 50k/10k split); the rest train.
 
     stream: as in load_path. The training split of a streamed file stays on disk; its
     validation split is read into memory.
@@ -649,7 +652,12 @@ def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0
                             ".npy files larger than memory. Drop it, or save the images with numpy.save and "
                             "train on that file.")
         arrays = _read_cache(_mnist_ready(home, fetch=True))
-        train, valid, test = (_mnist_split(arrays, s) for s in ("train", "valid", "test"))
+        n = len(arrays["x_train"])
+        if mnist_valid is not None and (isinstance(mnist_valid, bool) or not isinstance(mnist_valid, int)
+                                        or not 1 <= mnist_valid < n):
+            raise DataError(f"mnist_valid must be a whole number from 1 to {n - 1} (of MNIST's {n} training "
+                            f"images), got {mnist_valid!r}.")
+        train, valid, test = (_mnist_split(arrays, s, mnist_valid) for s in ("train", "valid", "test"))
     else:
         if not Path(spec).expanduser().exists():
             raise DataError(f"'{spec}' is neither a known data set ('mnist') nor an existing path; "
@@ -675,4 +683,4 @@ def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0
 def load_splits(cfg) -> Splits:
     """The splits a DataConfig describes (load_data with its fields)."""
     return load_data(cfg.source, subset=cfg.subset, valid_fraction=cfg.valid_fraction, split_seed=cfg.split_seed,
-                     stream=cfg.stream)
+                     stream=cfg.stream, mnist_valid=cfg.mnist_valid)
