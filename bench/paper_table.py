@@ -5,7 +5,9 @@
 
 Each row trains the paper's architecture (tanh; 784-200-200-50, or 784-200-200-100-100-100-50 for
 two stochastic layers) with Adam and a cosine learning-rate schedule (our recipe; the paper used
-3^i passes at 0.001·10^(−i/7), i = 0…7, i.e. 3280 passes at batch 20), then evaluates the test NLL
+3^i passes at 0.001·10^(−i/7), i = 0…7, i.e. 3280 passes at batch 20) on the paper's training set
+(MNIST's 60k training images but the last 400, which are held out for validation; the code of
+Burda et al., datasets.py, does the same), then evaluates the test NLL
 with the paper's protocol: k = 5000 importance samples per image, all 10k test images, binarized
 once with a fixed seed. Rows already finished are skipped; a row that stopped mid-training resumes
 exactly from its last checkpoint. The table is printed beside the paper's numbers.
@@ -53,9 +55,10 @@ def row_config(name: str, args) -> RunConfig:
     # "VAE, k samples" is the ELBO with its reconstruction term averaged over k draws.
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
              "lr_min": args.lr * args.lr_min_factor, "objective": "iwae" if obj == "iwae" and k > 1 else "elbo",
-             "k": k, "warmup_steps": args.warmup}
+             "k": k, "warmup_steps": args.warmup, "dreg": args.dreg and obj == "iwae" and k > 1}
     model = {} if args.activation is None else {"activation": args.activation}
-    return RunConfig.from_dict(merge(base, {"model": model, "train": train, "preset": f"paper-{name}"}))
+    data = {"mnist_valid": args.mnist_valid}
+    return RunConfig.from_dict(merge(base, {"model": model, "data": data, "train": train, "preset": f"paper-{name}"}))
 
 
 def curve_point(model, x_curve: torch.Tensor, epoch: int, k: int) -> dict:
@@ -108,8 +111,8 @@ def run_row(name: str, out: Path, args, splits) -> dict:
         "eval_seconds": round(time.perf_counter() - t1, 1), "nll": ev["nll"], "nll_stderr": ev["nll_stderr"],
         "nelbo": ev["nelbo"], "active_units": ev["active_units"], "k_eval": args.k, "precision": args.precision,
         "recipe": {"batch_size": tc.batch_size, "lr": tc.lr, "lr_min": tc.lr_min, "schedule": tc.lr_schedule,
-                   "warmup_steps": tc.warmup_steps, "objective": tc.objective, "k": tc.k,
-                   "activation": cfg.model.activation},
+                   "warmup_steps": tc.warmup_steps, "objective": tc.objective, "k": tc.k, "dreg": tc.dreg,
+                   "activation": cfg.model.activation, "train_images": len(splits.train)},
         "threads": torch.get_num_threads(), "session_seconds": round(time.perf_counter() - t0, 1),
     }
     runs.write_json(result_path, result)
@@ -168,8 +171,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-min-factor", type=float, default=0.01, help="cosine schedule ends at lr times this")
     ap.add_argument("--warmup", type=int, default=0, help="KL warm-up steps (0: none); for the IWAE rows β weights log p(z) − log q(z|x) in each weight")
+    ap.add_argument("--dreg", action="store_true",
+                    help="IWAE rows: the doubly reparameterized encoder gradient (Tucker et al. 2019); same "
+                         "objective, less noisy gradient")
     ap.add_argument("--activation", default=None, choices=sorted(ACTIVATIONS),
                     help="hidden units (default: the paper's tanh); the layer sizes stay the paper's")
+    ap.add_argument("--mnist-valid", type=int, default=400,
+                    help="of MNIST's 60k training images, how many (the last) to hold out for validation; the rest "
+                         "train (the paper: 400; 10000 gives the usual 50k/10k split)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--curve-images", type=int, default=1000,
                     help="test images for the NLL-vs-epoch curve, measured at epochs 1, 2, 3, 5, 10, 20, ...")
@@ -194,7 +203,7 @@ def main() -> None:
         sys.exit(f"unknown rows {unknown}; choose from {ROWS}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    splits = load_data("mnist")
+    splits = load_data("mnist", mnist_valid=args.mnist_valid)
     results = [run_row(r, args.out, args, splits) for r in rows]
     print(f"\n{'row':<14}{'epochs':>7}{'NLL (ours)':>14}{'paper':>8}{'gap':>8}{'train s':>9}{'eval s':>8}")
     for r in results:

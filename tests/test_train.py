@@ -332,6 +332,25 @@ def test_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
     assert _without_seconds(fallback) == _without_seconds(eager)  # the probe used no randomness
 
 
+def test_dreg_changes_the_training_and_is_never_compiled(tmp_path):
+    """The DReG estimator reaches training (other weights than plain IWAE from the same seed);
+    with --compile it trains eagerly, saying so, since torch.compile mishandles its gradient hook."""
+    iw = {"objective": "iwae", "k": 4, "epochs": 1}
+    models = {d: build(toy_config(**iw).model, seed=0) for d in ("plain", "dreg", "compiled")}
+    plain = fit(models["plain"], toy_config(**iw), toy_splits(), tmp_path / "a", progress=False)
+    dreg = fit(models["dreg"], toy_config(**iw, dreg=True), toy_splits(), tmp_path / "b", progress=False)
+    with pytest.warns(UserWarning, match="dreg.*without it"):
+        compiled = fit(models["compiled"], toy_config(**iw, dreg=True, compile=True), toy_splits(), tmp_path / "c",
+                       progress=False)
+    assert _without_seconds(compiled) == _without_seconds(dreg)
+    assert plain[0]["valid_iwae_loss"] != dreg[0]["valid_iwae_loss"]
+    enc = {n: p for n, p in models["dreg"].named_parameters() if n.startswith("encoder")}
+    dec = {n: p for n, p in models["dreg"].named_parameters() if n.startswith("decoder")}
+    other = dict(models["plain"].named_parameters())
+    assert all(not torch.equal(p, other[n]) for n, p in enc.items())
+    assert all(not torch.equal(p, other[n]) for n, p in dec.items())  # the decoder follows a different encoder
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     cfg = toy_config(epochs=2, warmup_steps=5)

@@ -185,6 +185,8 @@ def train(
     objective: Optional[str] = typer.Option(None, "--objective", help="elbo, iwae (with --k) or norm-penalty "
                                             "(the poor man's VAE)."),
     k: Optional[int] = typer.Option(None, "--k", help="Importance samples per image for --objective iwae."),
+    dreg: bool = typer.Option(False, "--dreg", help="With --objective iwae: the doubly reparameterized encoder "
+                              "gradient (Tucker et al. 2019); same objective, less noisy gradient."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="KL warm-up: β rises linearly over N steps."),
     free_bits: Optional[float] = typer.Option(None, "--free-bits", help="Floor (nats) on each latent dim's KL."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant or cosine."),
@@ -214,7 +216,7 @@ def train(
             ("--activation", activation), ("--likelihood", likelihood), ("--sigma", sigma), ("--binarize", binarize), ("--stream", stream),
             ("--batch-size", batch_size), ("--lr", lr), ("--beta", beta), ("--seed", seed),
             ("--subset", subset), ("--precision", precision), ("--config", config_file), ("--set", set_ or None),
-            ("--checkpoint-every", checkpoint_every), ("--objective", objective), ("--k", k), ("--warmup", warmup),
+            ("--checkpoint-every", checkpoint_every), ("--objective", objective), ("--k", k), ("--dreg", dreg or None), ("--warmup", warmup),
             ("--free-bits", free_bits), ("--lr-schedule", lr_schedule),
             ("--conditional", conditional or None), ("--compile", compile_ or None)] if value is not None]
         if given:
@@ -238,7 +240,7 @@ def train(
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed,
                       "precision": precision, "checkpoint_every": checkpoint_every, "objective": objective,
                       "k": k, "warmup_steps": warmup, "free_bits": free_bits, "lr_schedule": lr_schedule,
-                      "compile": compile_ or None},
+                      "compile": compile_ or None, "dreg": dreg or None},
         }
         if sigma is not None:
             if sigma == "learned":
