@@ -121,12 +121,14 @@ def run_row(name: str, out: Path, args, splits) -> dict:
 
 def markdown(out: Path, tag: str = "") -> str:
     """The table of every finished row under ``out``, in Markdown, beside the paper's numbers (rows named + tag)."""
-    lines = ["| row | epochs (best) | NLL, ours | paper | gap | −ELBO | active units | train s | eval s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | training images | epochs (best) | NLL, ours | paper | gap | −ELBO | active units | train s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(out.glob("*/paper_result.json"), key=lambda p: ROWS.index(p.parent.name)):
         r = json.loads(path.read_text())
         paper = PAPER[parse_row(r["row"])]
-        lines.append(f"| {r['row']}{tag} | {r['epochs']} ({r['best_epoch']}) | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | "
+        n_train = r["recipe"].get("train_images", 50_000)  # rows from before 2026-11-25 all trained on 50k
+        lines.append(f"| {r['row']}{tag} | {n_train:,} | {r['epochs']} ({r['best_epoch']}) | "
+                     f"{r['nll']:.2f} ± {r['nll_stderr']:.2f} | "
                      f"{paper:.2f} | {r['nll'] - paper:+.2f} | {r['nelbo']:.2f} | {r['active_units']} | "
                      f"{r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
     return "\n".join(lines)

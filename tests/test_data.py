@@ -589,6 +589,9 @@ def test_load_data_mnist_valid_moves_the_cut(tmp_path, fake):
     for bad in (0, 12, True, 2.0):
         with pytest.raises(DataError, match="mnist_valid must be a whole number from 1 to 11"):
             load_data("mnist", home=tmp_path, mnist_valid=bad)
+    np.save(tmp_path / "d.npy", np.zeros((5, 2), np.float32))
+    with pytest.raises(DataError, match="mnist_valid sets MNIST's validation split.*valid_fraction"):
+        load_data(str(tmp_path / "d.npy"), mnist_valid=2)
 
 
 # ---------------------------------------------------------------- binarize / range

@@ -1,5 +1,6 @@
 """The ELBO and IWAE bound against independent references."""
 
+import copy
 import math
 
 import pytest
@@ -218,6 +219,35 @@ def test_dreg_leaves_the_loss_and_the_decoder_gradient_as_they_are(arch):
             assert not torch.allclose(dreg[name], plain[name]), name  # the estimator did change
         else:  # the decoder and prior networks (p(z1|z2) too) get the plain IWAE gradient
             torch.testing.assert_close(dreg[name], plain[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.3])
+@pytest.mark.parametrize("arch", DREG_ARCHS)
+def test_dreg_encoder_gradient_is_tucker_et_al_eq_5_draw_by_draw(arch, beta):
+    """Each draw against the estimator written out: −Σ_i c_i log w_i with log q from a frozen copy
+    of the model (parameters fixed, z live: for two layers z1 enters q(z2|z1) live) and
+    c_i = w̃_i·((1 − β) + β·w̃_i), i.e. w̃_i² at β = 1, the score term moved onto the samples."""
+    torch.manual_seed(0)
+    model = tiny(**DREG_ARCHS[arch])
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    x = torch.rand(4, 1, 4, 5).bernoulli()
+    for seed in range(3):
+        _, got = _grads(model, x, 7, beta, dreg=True, seed=seed)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        z = model.encode(x).rsample((7,))
+        q = frozen.encode(x)
+        if arch == "mlp":
+            log_q = q.log_prob(z)
+        else:  # q(z1|x) q(z2|z1) from its two parts, not through GaussianChain.log_prob
+            z1, z2 = z[..., : frozen.cfg.latent1_dim], z[..., frozen.cfg.latent1_dim :]
+            log_q = q.first.log_prob(z1) + q.second(z1).log_prob(z2)
+        log_w = model.decode(z).log_prob(x) + beta * (model.prior().log_prob(z) - log_q)
+        w = torch.softmax(log_w.detach(), 0)
+        (-(w * ((1 - beta) + beta * w) * log_w).sum()).backward()
+        for name, p in model.named_parameters():
+            if _is_encoder(name):
+                torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.3])

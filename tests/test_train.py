@@ -339,7 +339,7 @@ def test_dreg_changes_the_training_and_is_never_compiled(tmp_path):
     models = {d: build(toy_config(**iw).model, seed=0) for d in ("plain", "dreg", "compiled")}
     plain = fit(models["plain"], toy_config(**iw), toy_splits(), tmp_path / "a", progress=False)
     dreg = fit(models["dreg"], toy_config(**iw, dreg=True), toy_splits(), tmp_path / "b", progress=False)
-    with pytest.warns(UserWarning, match="dreg.*without it"):
+    with pytest.warns(UserWarning, match="dreg.*uncompiled"):
         compiled = fit(models["compiled"], toy_config(**iw, dreg=True, compile=True), toy_splits(), tmp_path / "c",
                        progress=False)
     assert _without_seconds(compiled) == _without_seconds(dreg)

@@ -659,6 +659,9 @@ def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0
                             f"images), got {mnist_valid!r}.")
         train, valid, test = (_mnist_split(arrays, s, mnist_valid) for s in ("train", "valid", "test"))
     else:
+        if mnist_valid is not None:
+            raise DataError(f"mnist_valid sets MNIST's validation split, but the data is '{spec}'; "
+                            "use valid_fraction for your own data.")
         if not Path(spec).expanduser().exists():
             raise DataError(f"'{spec}' is neither a known data set ('mnist') nor an existing path; "
                             f"accepted paths: {ACCEPTED}.")

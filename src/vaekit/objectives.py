@@ -146,7 +146,9 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     and each sample's gradient is scaled by (1 − β) + β·w̃_i, where w̃ are the normalised
     weights (w̃_i² overall at β = 1). Same expectation as the plain gradient (tested), lower
     variance: the plain IWAE encoder gradient gets noisier as k grows (Rainforth et al. 2018).
-    The decoder's gradient is unchanged.
+    The decoder's gradient is unchanged. The hook is on z, so it shapes the gradient of whatever
+    is backpropagated from this call: backpropagate ``loss`` only (training does). The encoder
+    is run a second time for log q, so it must be deterministic (no dropout; none of ours has it).
     """
     q = encode(model, x, y)
     z = q.rsample((k,))  # (k, B, D)
@@ -177,7 +179,8 @@ class _LogQ(torch.nn.Module):
 def _log_q_params_fixed(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
     """log q(z|x) with every parameter detached: its gradient reaches the encoder only through z."""
     fixed = {f"model.{name}": p.detach() for name, p in model.named_parameters()}
-    return torch.func.functional_call(_LogQ(model), fixed, (x, y, z))
+    # x detached too: were x a leaf that needs a gradient, the score term would reach it here.
+    return torch.func.functional_call(_LogQ(model), fixed, (x.detach(), y, z))
 
 
 def norm_penalty(model, x: torch.Tensor, lam: float = 1.0) -> ElboParts:

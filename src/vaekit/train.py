@@ -346,7 +346,7 @@ def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfi
     """
     if tc.dreg:  # measured: the compiled graph does not apply the gradient hook DReG sets on z as eager does
         warnings.warn("--compile: the doubly reparameterized gradient (dreg) is not compiled correctly by "
-                      "torch.compile; training without it.", stacklevel=2)
+                      "torch.compile; training uncompiled (eager), with dreg.", stacklevel=2)
         return None
     try:
         fn = torch.compile(loss_parts, dynamic=False)
