@@ -137,7 +137,8 @@ def markdown(out: Path, tag: str = "") -> str:
 def figure(outs: list[Path], path: Path) -> None:
     """Test NLL against epochs for every row under the ``outs`` that has a curve, beside the paper's numbers.
 
-    Rows from the second and later directories are labelled with their directory's name.
+    A row keeps its colour in every directory; each directory (a recipe) has its own line style,
+    and rows from the second and later directories are labelled with the directory's name.
     """
     import matplotlib
 
@@ -146,16 +147,18 @@ def figure(outs: list[Path], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     curves = [(c, j) for j, out in enumerate(outs) for c in sorted(out.glob("*/curve.jsonl"))]
-    for i, (curve_path, j) in enumerate(curves):
+    styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1))]
+    for curve_path, j in curves:
         name = curve_path.parent.name
         pts = runs.read_jsonl(curve_path)
-        color = f"C{i}"
+        color = f"C{ROWS.index(name) % 10}"
         label = name if j == 0 else f"{name} ({outs[j].name})"
-        ax.plot([p["epoch"] for p in pts], [p["nll"] for p in pts], "o-", color=color, label=label, ms=3)
+        ax.plot([p["epoch"] for p in pts], [p["nll"] for p in pts], marker="o", ls=styles[j % len(styles)],
+                color=color, label=label, ms=3)
         ax.axhline(PAPER[parse_row(name)], color=color, ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_ylim(min(PAPER.values()) - 2, 125)  # the first epochs sit far above; the end is what matters
-    ax.set_xlabel("epoch (passes over the 50k training images)")
+    ax.set_xlabel("epoch (passes over the training images)")
     ax.set_ylabel("test NLL, nats (k = 5000, first 1000 test images)")
     ax.set_title("Test NLL against epochs; dotted: Burda et al. 2015 after 3280 epochs", fontsize=10)
     ax.legend(fontsize=8)
