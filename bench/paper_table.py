@@ -53,9 +53,10 @@ def row_config(name: str, args) -> RunConfig:
     layers, obj, k = parse_row(name)
     base = merge(RunConfig().to_dict(), preset("iwae-1l" if layers == 1 else "iwae-2l"))
     # "VAE, k samples" is the ELBO with its reconstruction term averaged over k draws.
+    objective = "iwae" if obj == "iwae" and k > 1 else "elbo"
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
-             "lr_min": args.lr * args.lr_min_factor, "objective": "iwae" if obj == "iwae" and k > 1 else "elbo",
-             "k": k, "warmup_steps": args.warmup, "dreg": args.dreg and obj == "iwae" and k > 1}
+             "lr_min": args.lr * args.lr_min_factor, "objective": objective, "k": k, "warmup_steps": args.warmup,
+             "dreg": args.dreg and objective == "iwae"}
     model = {} if args.activation is None else {"activation": args.activation}
     data = {"mnist_valid": args.mnist_valid}
     return RunConfig.from_dict(merge(base, {"model": model, "data": data, "train": train, "preset": f"paper-{name}"}))
