@@ -22,6 +22,8 @@ def test_json_round_trip_is_exact():
     ({"model": {"latent_dim": 0}}, ["latent_dim", "at least 1"]),
     ({"train": {"batch_size": -5}}, ["batch_size"]),
     ({"train": {"lr": 0}}, ["lr"]),
+    ({"train": {"adam_eps": 0.0}}, ["adam_eps", "positive"]),
+    ({"train": {"output_bias": "mean"}}, ["train.output_bias", "zero", "data"]),
     ({"data": {"mnist_valid": 0}}, ["mnist_valid", "between 1 and 59999"]),
     ({"data": {"mnist_valid": 60000}}, ["mnist_valid", "between 1 and 59999"]),
     ({"data": {"source": "my.npz", "mnist_valid": 400}}, ["mnist_valid", "'my.npz'", "valid_fraction"]),

@@ -6,7 +6,9 @@ import torch
 from vaekit import generate, runs
 from vaekit.config import ModelConfig, RunConfig
 from vaekit.evaluate import log_px
+from vaekit.errors import ConfigError
 from vaekit.models import REGISTRY, build
+from vaekit.models.common import fit_output_bias_
 from vaekit.objectives import decode, elbo, encode, iwae
 
 TINY = {
@@ -88,3 +90,27 @@ def test_iwae_k1_is_the_elbo_on_the_same_sample(cfg):
     expected = decode(model, z, y).log_prob(x) - (q.log_prob(z) - model.prior().log_prob(z))
     torch.testing.assert_close(parts.elbo_k, expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(parts.elbo_k, -(parts.distortion + parts.rate), rtol=1e-5, atol=1e-4)
+
+
+def test_output_bias_fitted_to_the_data_mean_starts_p_x_at_that_mean(cfg):
+    """With the output layer's weights zeroed, p(x|z) is the bias alone: its mean must be the data's."""
+    model = build(cfg, seed=0)
+    mean = torch.rand(*SHAPE) * 0.8 + 0.1
+    mean[0, 0, 0] = 0.0  # an always-white pixel: clipped to 0.001, not an infinite logit
+    fit_output_bias_(model, mean)
+    with torch.no_grad():
+        model.output_layer.weight.zero_()
+    z = torch.randn(5, model.latent_dim)
+    got = decode(model, z, labels(cfg, 5)).mean
+    want = mean
+    if cfg.arch == "conv":  # one bias per channel: the channel's average
+        want = want.mean(dim=(-2, -1), keepdim=True).expand(SHAPE)
+    if cfg.likelihood == "bernoulli":
+        want = want.clamp(1e-3, 1 - 1e-3)
+    torch.testing.assert_close(got, want.expand_as(got), rtol=1e-5, atol=1e-6)
+
+
+def test_output_bias_refuses_a_mean_of_another_shape(cfg):
+    model = build(cfg, seed=0)
+    with pytest.raises(ConfigError, match="do not match"):
+        fit_output_bias_(model, torch.rand(2, 9, 7))

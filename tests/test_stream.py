@@ -192,3 +192,12 @@ def test_cli_trains_on_a_streamed_file_and_refuses_a_bad_one_leaving_nothing(tmp
     assert main([*args, "--data", str(tmp_path / "d.npz"), "--out", str(bad_run)]) != 0
     assert "only a .npy file can be streamed" in capsys.readouterr().err
     assert not bad_run.exists()
+
+
+def test_the_mean_image_of_a_streamed_set_is_the_in_memory_one(npy):
+    cfg = config(npy, "yes")
+    mem = train.train_set(load_data(str(npy), stream="no").train, cfg, torch.device("cpu"))
+    disk = train.train_set(load_data(str(npy), stream="yes").train, cfg, torch.device("cpu"))
+    want = (mem.x.double().mean(0) / 255).float()
+    torch.testing.assert_close(mem.mean(chunk=7), want)  # 270 images in chunks of 7: the last one short
+    torch.testing.assert_close(disk.mean(chunk=7), want)

@@ -260,6 +260,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_says_how_to
 @pytest.mark.parametrize("train", [
     {"objective": "iwae", "k": 5},
     {"warmup_steps": 10, "free_bits": 0.1, "lr_schedule": "cosine", "lr_min": 1e-4},
+    {"output_bias": "data", "adam_eps": 1e-4},  # a resumed run must not fit the bias again
 ])
 def test_objective_options_train_and_resume_exactly(tmp_path, train):
     cfg = toy_config(epochs=2, **train)
@@ -276,6 +277,30 @@ def test_objective_options_train_and_resume_exactly(tmp_path, train):
     a = load_file(str(tmp_path / "a" / "last.safetensors"))
     b = load_file(str(tmp_path / "b" / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("output_bias", ["zero", "data"])
+def test_output_bias_data_starts_p_x_at_the_mean_training_image(tmp_path, output_bias):
+    # lr 1e-9: Adam moves each weight by at most about 1e-9 a step, so the bias stays where it started
+    cfg = toy_config(epochs=1, lr=1e-9, output_bias=output_bias)
+    splits = toy_splits()
+    model = build(cfg.model, seed=0)
+    fit(model, cfg, splits, tmp_path, progress=False)
+    mean = splits.train.x.double().mean(0).flatten() / 255  # dynamic binarization: a pixel's mean is its grey
+    want = torch.logit(mean.clamp(1e-3, 1 - 1e-3)).float() if output_bias == "data" else torch.zeros_like(mean).float()
+    torch.testing.assert_close(model.output_layer.bias.detach(), want, rtol=0, atol=1e-6)
+
+
+def test_adam_eps_reaches_the_optimizer(tmp_path):
+    """Adam's step is lr·m/(√v + ε): an ε far above √v shrinks every step, so the weights move less."""
+    moved = {}
+    for eps in (1e-8, 10.0):
+        cfg = toy_config(epochs=1, adam_eps=eps)
+        model = build(cfg.model, seed=0)
+        start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        fit(model, cfg, toy_splits(), tmp_path / str(eps), progress=False)
+        moved[eps] = (torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm().item()
+    assert moved[10.0] < moved[1e-8] / 10
 
 
 def test_warmup_and_cosine_schedule_values():

@@ -109,6 +109,9 @@ class TrainConfig:
     free_bits: float = 0.0  # nats: a floor on each latent dimension's KL in the loss (Kingma et al. 2016)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_min: float = 0.0  # where the cosine schedule ends
+    adam_eps: float = 1e-8  # Adam's ε (torch's default; Burda et al. 2015 used 1e-4)
+    output_bias: Literal["zero", "data"] = "zero"  # the decoder's output bias at the start: zero, or fitted to
+    # the training data's mean, so that p(x|z) starts at the average image (Burda et al.'s code does this)
     compile: bool = False  # torch.compile the loss (forward and backward); falls back to eager, saying why
 
     def check(self) -> None:
@@ -122,6 +125,8 @@ class TrainConfig:
             raise ConfigError(f"beta must be non-negative, got {self.beta}.")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}.")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"adam_eps must be positive, got {self.adam_eps}.")
         if not 0 <= self.lr_min <= self.lr:
             raise ConfigError(f"lr_min must be between 0 and lr ({self.lr}), got {self.lr_min}.")
         if self.k < 1:

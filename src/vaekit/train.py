@@ -29,6 +29,7 @@ from vaekit import runs
 from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaekit.data import Dataset, Splits, binarize, binarize_u8
 from vaekit.errors import DataError, RunError
+from vaekit.models.common import fit_output_bias_
 from vaekit.objectives import elbo, iwae, norm_penalty
 
 MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row before training gives up
@@ -54,6 +55,17 @@ class TrainSet:
     def first(self, n: int) -> torch.Tensor:
         """The first n examples as stored."""
         return self.x[:n] if self.rows is None else self.x[self.rows[:n]]
+
+    def mean(self, chunk: int = 10_000) -> torch.Tensor:
+        """The mean example as the model sees it (a binarized pixel's mean is its grey value), float32.
+
+        Summed in float64 a chunk at a time, so a streamed set is read once and never held whole.
+        """
+        total = torch.zeros(self.x.shape[1:], dtype=torch.float64, device=self.x.device)
+        for i in range(0, len(self), chunk):
+            rows = slice(i, i + chunk) if self.rows is None else self.rows[i:i + chunk]
+            total += self.x[rows].to(torch.float64).sum(0)
+        return (total * self.scale / len(self)).float()
 
 
 class _FileRows(torch.utils.data.Dataset):
@@ -420,7 +432,7 @@ def fit(
     steps_per_epoch = math.ceil(n / tc.batch_size)
 
     # fused: one vectorised kernel over all parameters (bench/train_speed.py: ~3x faster step than foreach on CPU)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=True)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, eps=tc.adam_eps, fused=True)
     gen = torch.Generator().manual_seed(tc.seed)  # data order and binarization draws
     state = {"epoch": 0, "step": 0, "best_epoch": None, "best_score": None, "skipped_steps": 0,
              "skipped_in_a_row": 0}
@@ -450,6 +462,8 @@ def fit(
         runs.write_text(run / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     else:
         torch.manual_seed(tc.seed)  # the reparameterization noise
+        if tc.output_bias == "data":
+            fit_output_bias_(model, data.mean())
         if run is not None:  # a run restarted from scratch: its old metrics are void
             (run / "metrics.jsonl").unlink(missing_ok=True)
     # The last checkpoint on disk, for the message if writing the next one fails.

@@ -40,6 +40,26 @@ def xavier_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+@torch.no_grad()
+def fit_output_bias_(model: nn.Module, mean: torch.Tensor) -> None:
+    """Start p(x|z) at the data: set the decoder's output bias from ``mean``, the training data's mean.
+
+    ``mean`` is shaped like one example. A Gaussian decoder's bias becomes the mean itself; a
+    Bernoulli decoder's its logit, clipped to [0.001, 0.999] first (as in Burda et al.'s code),
+    so that an all-zero pixel does not give an infinite bias. A convolutional decoder has one
+    bias per channel: it gets the channel's average over the image.
+    """
+    layer = model.output_layer
+    m = mean.to(layer.bias)
+    m = m.mean(dim=(-2, -1)) if isinstance(layer, nn.ConvTranspose2d) else m.flatten()
+    if m.shape != layer.bias.shape:
+        raise ConfigError(f"the data mean has {m.numel()} values but the decoder's output layer has "
+                          f"{layer.bias.numel()} biases; the model and the data do not match.")
+    if model.cfg.likelihood == "bernoulli":
+        m = torch.logit(m.clamp(1e-3, 1 - 1e-3))
+    layer.bias.copy_(m)
+
+
 def join_label(h: torch.Tensor, y: torch.Tensor | None, n_classes: int) -> torch.Tensor:
     """[h, one_hot(y)] along the last dim, for a conditional model (n_classes > 0); h itself otherwise.
 

@@ -58,6 +58,11 @@ class ConvVAE(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     @property
+    def output_layer(self) -> nn.Module:
+        """The layer whose outputs are the parameters of p(x|z)."""
+        return self.conv_decoder[-1]
+
+    @property
     def latent_dim(self) -> int:
         return self.cfg.latent_dim
 

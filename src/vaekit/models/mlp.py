@@ -38,6 +38,11 @@ class MLPVAE(nn.Module):
         xavier_(self)
 
     @property
+    def output_layer(self) -> nn.Module:
+        """The layer whose outputs are the parameters of p(x|z)."""
+        return self.decoder[-1]
+
+    @property
     def latent_dim(self) -> int:
         return self.cfg.latent_dim
 

@@ -35,6 +35,11 @@ class TwoLayerVAE(nn.Module):
         xavier_(self)
 
     @property
+    def output_layer(self) -> nn.Module:
+        """The layer whose outputs are the parameters of p(x|z)."""
+        return self.decoder[-1]
+
+    @property
     def latent_dim(self) -> int:
         return self.cfg.latent1_dim + self.cfg.latent_dim  # z = [z1, z2]
 
