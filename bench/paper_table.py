@@ -54,6 +54,10 @@ def row_config(name: str, args) -> RunConfig:
     base = merge(RunConfig().to_dict(), preset("iwae-1l" if layers == 1 else "iwae-2l"))
     # "VAE, k samples" is the ELBO with its reconstruction term averaged over k draws.
     objective = "iwae" if obj == "iwae" and k > 1 else "elbo"
+    # DReG with one sample is "sticking the landing" (Roeder et al. 2017): the k = 1 IWAE objective is
+    # the ELBO (with its KL sampled, not in closed form), and the encoder's gradient drops the score term.
+    if args.dreg and k == 1:
+        objective = "iwae"
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
              "lr_min": args.lr * args.lr_min_factor, "objective": objective, "k": k, "warmup_steps": args.warmup,
              "dreg": args.dreg and objective == "iwae", "adam_eps": args.adam_eps, "output_bias": args.output_bias}
@@ -180,7 +184,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=0, help="KL warm-up steps (0: none); for the IWAE rows β weights log p(z) − log q(z|x) in each weight")
     ap.add_argument("--dreg", action="store_true",
                     help="IWAE rows: the doubly reparameterized encoder gradient (Tucker et al. 2019); same "
-                         "objective, less noisy gradient")
+                         "objective, less noisy gradient. The k = 1 rows then train with its one-sample case, "
+                         "'sticking the landing' (Roeder et al. 2017); the VAE rows with k > 1 are unchanged")
     ap.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's ε (the paper: 1e-4; torch's default 1e-8)")
     ap.add_argument("--output-bias", default="zero", choices=["zero", "data"],
                     help="the decoder's output bias at the start: zero, or the logit of the mean training image "

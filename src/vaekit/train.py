@@ -381,12 +381,13 @@ def selection_score(record: dict) -> float:
 
 @torch.no_grad()
 def valid_loss(model, x: torch.Tensor, tc: TrainConfig, seed: int = 0, y: torch.Tensor | None = None) -> float | None:
-    """−L_k on x with the training k, for IWAE runs (None otherwise): what their best epoch is chosen by.
+    """−L_k on x with the training k, for IWAE runs with k > 1 (None otherwise): what their best epoch is chosen by.
 
     An IWAE-trained q is broad on purpose, so its one-sample ELBO is a poor guide to its
-    log-likelihood; the bound it was trained on is a good one.
+    log-likelihood; the bound it was trained on is a good one. At k = 1 that bound is the ELBO,
+    which the validation −ELBO gives already, with its KL in closed form instead of sampled.
     """
-    if tc.objective != "iwae":
+    if tc.objective != "iwae" or tc.k == 1:
         return None
     was_training = model.training
     model.eval()
