@@ -60,7 +60,8 @@ def row_config(name: str, args) -> RunConfig:
         objective = "iwae"
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
              "lr_min": args.lr * args.lr_min_factor, "objective": objective, "k": k, "warmup_steps": args.warmup,
-             "dreg": args.dreg and objective == "iwae", "adam_eps": args.adam_eps, "output_bias": args.output_bias}
+             "dreg": args.dreg and objective == "iwae", "adam_eps": args.adam_eps, "output_bias": args.output_bias,
+             "seed": args.seed}
     model = {} if args.activation is None else {"activation": args.activation}
     data = {"mnist_valid": args.mnist_valid}
     return RunConfig.from_dict(merge(base, {"model": model, "data": data, "train": train, "preset": f"paper-{name}"}))
@@ -117,7 +118,7 @@ def run_row(name: str, out: Path, args, splits) -> dict:
         "nelbo": ev["nelbo"], "active_units": ev["active_units"], "k_eval": args.k, "precision": args.precision,
         "recipe": {"batch_size": tc.batch_size, "lr": tc.lr, "lr_min": tc.lr_min, "schedule": tc.lr_schedule,
                    "warmup_steps": tc.warmup_steps, "objective": tc.objective, "k": tc.k, "dreg": tc.dreg,
-                   "adam_eps": tc.adam_eps, "output_bias": tc.output_bias,
+                   "adam_eps": tc.adam_eps, "output_bias": tc.output_bias, "seed": tc.seed,
                    "activation": cfg.model.activation, "train_images": len(splits.train)},
         "threads": torch.get_num_threads(), "session_seconds": round(time.perf_counter() - t0, 1),
     }
@@ -186,6 +187,8 @@ def main() -> None:
                     help="IWAE rows: the doubly reparameterized encoder gradient (Tucker et al. 2019); same "
                          "objective, less noisy gradient. The k = 1 rows then train with its one-sample case, "
                          "'sticking the landing' (Roeder et al. 2017); the VAE rows with k > 1 are unchanged")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed: the initial weights, the data order, the binarization and the samples")
     ap.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's ε (the paper: 1e-4; torch's default 1e-8)")
     ap.add_argument("--output-bias", default="zero", choices=["zero", "data"],
                     help="the decoder's output bias at the start: zero, or the logit of the mean training image "
