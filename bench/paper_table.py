@@ -53,11 +53,9 @@ def row_config(name: str, args) -> RunConfig:
     layers, obj, k = parse_row(name)
     base = merge(RunConfig().to_dict(), preset("iwae-1l" if layers == 1 else "iwae-2l"))
     # "VAE, k samples" is the ELBO with its reconstruction term averaged over k draws.
-    objective = "iwae" if obj == "iwae" and k > 1 else "elbo"
     # DReG with one sample is "sticking the landing" (Roeder et al. 2017): the k = 1 IWAE objective is
     # the ELBO (with its KL sampled, not in closed form), and the encoder's gradient drops the score term.
-    if args.dreg and k == 1:
-        objective = "iwae"
+    objective = "iwae" if (obj == "iwae" and k > 1) or (args.dreg and k == 1) else "elbo"
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
              "lr_min": args.lr * args.lr_min_factor, "objective": objective, "k": k, "warmup_steps": args.warmup,
              "dreg": args.dreg and objective == "iwae", "adam_eps": args.adam_eps, "output_bias": args.output_bias,
