@@ -27,6 +27,7 @@ from torch.distributions import Bernoulli, Distribution, Independent, Normal
 from tqdm.auto import tqdm
 
 from vaekit.errors import ConfigError
+from vaekit.memory import keep_freed_memory
 from vaekit.objectives import decode, elbo, encode, kl_per_dim
 
 ESTIMATOR = "importance sampling, proposal q(z|x)"
@@ -243,6 +244,8 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = No
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ConfigError(f"chunk_size must be a whole number >= 1 or None, got {chunk_size!r}.")
     device = _device(model)
+    if device.type == "cpu":
+        keep_freed_memory()  # each chunk's temporaries reuse the last chunk's pages (vaekit.memory)
     x = x.to(device)
     y = None if y is None else y.to(device)
     batch = x.shape[0]

@@ -29,6 +29,7 @@ from vaekit import runs
 from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaekit.data import Dataset, Splits, binarize, binarize_u8
 from vaekit.errors import DataError, RunError
+from vaekit.memory import keep_freed_memory
 from vaekit.models.common import fit_output_bias_
 from vaekit.objectives import elbo, iwae, norm_penalty
 
@@ -425,6 +426,8 @@ def fit(
     """
     tc = cfg.train
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        keep_freed_memory()  # each step's temporaries reuse the last step's pages (vaekit.memory)
     data = train_set(splits.train, cfg, device)
     x_valid = eval_set(splits.valid, cfg.data, device)
     y_valid = labels_for(splits.valid, cfg.model)
