@@ -16,7 +16,7 @@ Tucker et al. 2019): the same expectation with less variance.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
@@ -133,7 +133,7 @@ class IwaeParts(NamedTuple):
 
 
 def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
-         beta: float | torch.Tensor = 1.0, dreg: bool = False) -> IwaeParts:
+         beta: float | torch.Tensor = 1.0, dreg: bool = False, terms: Callable | None = None) -> IwaeParts:
     """The IWAE objective with k samples; distortion + rate is the k-sample average ELBO (≥ −L_k).
 
     beta ≠ 1 weights log p(z) − log q(z|x) inside each log-weight, as β weights the KL in the
@@ -149,13 +149,18 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     The decoder's gradient is unchanged. The hook is on z, so it shapes the gradient of whatever
     is backpropagated from this call: backpropagate ``loss`` only (training does). The encoder
     is run a second time for log q, so it must be deterministic (no dropout; none of ours has it).
+
+    terms: what computes dreg_terms (the default), e.g. torch.compile(dreg_terms), which is how
+    `--compile` trains with dreg: the hook stays on z, outside the compiled graph.
     """
     q = encode(model, x, y)
     z = q.rsample((k,))  # (k, B, D)
     dreg = dreg and z.requires_grad
-    log_px_z = decode(model, z, y).log_prob(x)  # (k, B)
-    log_q = _log_q_params_fixed(model, x, y, z) if dreg else q.log_prob(z)
-    log_ratio = model.prior().log_prob(z) - log_q  # (k, B): log p(z) − log q(z|x)
+    if dreg:
+        log_px_z, log_ratio = (terms or dreg_terms)(model, x, y, z)
+    else:
+        log_px_z = decode(model, z, y).log_prob(x)  # (k, B)
+        log_ratio = model.prior().log_prob(z) - q.log_prob(z)  # (k, B): log p(z) − log q(z|x)
     log_w = log_px_z + beta * log_ratio  # 1.0 · r is r, bit for bit
     if dreg:
         w = torch.softmax(log_w.detach(), dim=0)  # (k, B): w̃, the normalised weights
@@ -174,6 +179,12 @@ class _LogQ(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
         return encode(self.model, x, y).log_prob(z)  # evaluated here: a chained q calls its networks lazily
+
+
+def dreg_terms(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x|z) and log p(z) − log q(z|x), each (k, B), with q's parameters held fixed in log q: DReG's share of iwae."""
+    log_px_z = decode(model, z, y).log_prob(x)
+    return log_px_z, model.prior().log_prob(z) - _log_q_params_fixed(model, x, y, z)
 
 
 def _log_q_params_fixed(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
