@@ -27,7 +27,7 @@ from torch.distributions import Bernoulli, Distribution, Independent, Normal
 from tqdm.auto import tqdm
 
 from vaekit.errors import ConfigError
-from vaekit.memory import keep_freed_memory
+from vaekit.cpu import keep_freed_memory
 from vaekit.objectives import decode, elbo, encode, kl_per_dim
 
 ESTIMATOR = "importance sampling, proposal q(z|x)"
@@ -245,7 +245,7 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = No
         raise ConfigError(f"chunk_size must be a whole number >= 1 or None, got {chunk_size!r}.")
     device = _device(model)
     if device.type == "cpu":
-        keep_freed_memory()  # each chunk's temporaries reuse the last chunk's pages (vaekit.memory)
+        keep_freed_memory()  # each chunk's temporaries reuse the last chunk's pages (vaekit.cpu)
     x = x.to(device)
     y = None if y is None else y.to(device)
     batch = x.shape[0]

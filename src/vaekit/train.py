@@ -29,7 +29,7 @@ from vaekit import runs
 from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaekit.data import Dataset, Splits, binarize, binarize_u8
 from vaekit.errors import DataError, RunError
-from vaekit.memory import keep_freed_memory
+from vaekit.cpu import flush_denormals, keep_freed_memory
 from vaekit.models.common import fit_output_bias_
 from vaekit.objectives import dreg_terms, elbo, iwae, norm_penalty
 
@@ -258,23 +258,6 @@ def _onednn_keeps_fp32() -> bool:
     return bool((got.double() - exact).norm() / exact.norm() < 1e-6)  # fp32: ~3e-7, bf16: ~3e-3
 
 
-@contextmanager
-def flush_denormals():
-    """Treat denormal floats as zero while training (restored to torch's default, off, after).
-
-    The IWAE gradient weights each sample by its normalised importance weight; most are below
-    1e-38, and matrix products over such denormals run several times slower on x86 (IWAE, k = 50,
-    784-200-200-50, one thread: 0.24 -> 0.095 s per step, and no slow-down as training goes on).
-    Values that small change nothing a float32 sum can hold.
-    """
-    supported = torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if supported:
-            torch.set_flush_denormal(False)
-
-
 @functools.cache
 def _onednn_is_faster() -> bool:
     """Whether oneDNN's exact-fp32 matmul beats torch's default (MKL) on this CPU: timed once per process.
@@ -432,7 +415,7 @@ def fit(
     tc = cfg.train
     device = next(model.parameters()).device
     if device.type == "cpu":
-        keep_freed_memory()  # each step's temporaries reuse the last step's pages (vaekit.memory)
+        keep_freed_memory()  # each step's temporaries reuse the last step's pages (vaekit.cpu)
     data = train_set(splits.train, cfg, device)
     x_valid = eval_set(splits.valid, cfg.data, device)
     y_valid = labels_for(splits.valid, cfg.model)
