@@ -26,8 +26,8 @@ import torch
 from torch.distributions import Bernoulli, Distribution, Independent, Normal
 from tqdm.auto import tqdm
 
-from vaekit.errors import ConfigError
 from vaekit.cpu import keep_freed_memory
+from vaekit.errors import ConfigError
 from vaekit.objectives import decode, elbo, encode, kl_per_dim
 
 ESTIMATOR = "importance sampling, proposal q(z|x)"

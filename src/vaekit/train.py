@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from vaekit import runs
 from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from vaekit.cpu import flush_denormals, keep_freed_memory
 from vaekit.data import Dataset, Splits, binarize, binarize_u8
 from vaekit.errors import DataError, RunError
-from vaekit.cpu import flush_denormals, keep_freed_memory
 from vaekit.models.common import fit_output_bias_
 from vaekit.objectives import dreg_terms, elbo, iwae, norm_penalty
 
