@@ -18,11 +18,12 @@ Two things that torch leaves as they are and that cost a CPU run dearly:
   step (k = 50, batch 20, 784-200-200-50, forward and backward): 2748 minor page faults
   and 17.0 ms of CPU time with glibc's defaults, 4 faults and 13.5 ms after
   `keep_freed_memory` (a whole training run, whose other allocations already keep some
-  memory in use, gains about 3 %). It raises the mmap threshold to glibc's maximum (32 MiB) and the
-  trim threshold to 1 GiB, for the whole process: freed blocks below 32 MiB stay in the
-  heap for the next step, so the process keeps its peak heap instead of handing it back
-  between steps. Larger blocks (data sets) are still returned when freed. Set
-  VAEKIT_KEEP_FREED_MEMORY=0 to leave the allocator as it is. Nothing happens outside glibc.
+  memory in use, gains about 3 %). It raises the mmap threshold to glibc's maximum
+  (32 MiB) and the trim threshold to 1 GiB, for the whole process: freed blocks below
+  32 MiB stay in the heap for the next step, so the process keeps its peak heap instead of
+  handing it back between steps. Larger blocks (data sets) are still returned when freed.
+  Set VAEKIT_KEEP_FREED_MEMORY=0 to leave the allocator as it is. Nothing happens outside
+  glibc.
 """
 
 from __future__ import annotations

@@ -181,8 +181,11 @@ class _LogQ(torch.nn.Module):
         return encode(self.model, x, y).log_prob(z)  # evaluated here: a chained q calls its networks lazily
 
 
-def dreg_terms(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x|z) and log p(z) − log q(z|x), each (k, B), with q's parameters held fixed in log q: DReG's share of iwae."""
+def dreg_terms(model, x: torch.Tensor, y: torch.Tensor | None,
+               z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x|z) and log p(z) − log q(z|x), each (k, B), with q's parameters held fixed in log q.
+
+    DReG's share of iwae: the part `--compile` compiles."""
     log_px_z = decode(model, z, y).log_prob(x)
     return log_px_z, model.prior().log_prob(z) - _log_q_params_fixed(model, x, y, z)
 
