@@ -60,6 +60,8 @@ def row_config(name: str, args) -> RunConfig:
              "lr_min": args.lr * args.lr_min_factor, "objective": objective, "k": k, "warmup_steps": args.warmup,
              "dreg": args.dreg and objective == "iwae", "adam_eps": args.adam_eps, "output_bias": args.output_bias,
              "seed": args.seed, "compile": args.compile}
+    if args.k_start and objective == "iwae" and k > args.k_start[0]:
+        train |= {"k_start": args.k_start[0], "k_start_epochs": args.k_start[1]}
     model = {} if args.activation is None else {"activation": args.activation}
     data = {"mnist_valid": args.mnist_valid}
     return RunConfig.from_dict(merge(base, {"model": model, "data": data, "train": train, "preset": f"paper-{name}"}))
@@ -116,6 +118,7 @@ def run_row(name: str, out: Path, args, splits) -> dict:
         "nelbo": ev["nelbo"], "active_units": ev["active_units"], "k_eval": args.k, "precision": args.precision,
         "recipe": {"batch_size": tc.batch_size, "lr": tc.lr, "lr_min": tc.lr_min, "schedule": tc.lr_schedule,
                    "warmup_steps": tc.warmup_steps, "objective": tc.objective, "k": tc.k, "dreg": tc.dreg,
+                   "k_start": tc.k_start, "k_start_epochs": tc.k_start_epochs,
                    "adam_eps": tc.adam_eps, "output_bias": tc.output_bias, "seed": tc.seed,
                    "compile": tc.compile, "activation": cfg.model.activation, "train_images": len(splits.train)},
         "threads": torch.get_num_threads(), "session_seconds": round(time.perf_counter() - t0, 1),
@@ -152,7 +155,7 @@ def figure(outs: list[Path], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     curves = [(c, j) for j, out in enumerate(outs) for c in sorted(out.glob("*/curve.jsonl"))]
-    styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (4, 1)), (0, (6, 2, 1, 2, 1, 2))]
+    styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (4, 1)), (0, (6, 2, 1, 2, 1, 2)), (0, (2, 2, 6, 2))]
     for curve_path, j in curves:
         name = curve_path.parent.name
         pts = runs.read_jsonl(curve_path)
@@ -185,6 +188,9 @@ def main() -> None:
                     help="IWAE rows: the doubly reparameterized encoder gradient (Tucker et al. 2019); same "
                          "objective, less noisy gradient. The k = 1 rows then train with its one-sample case, "
                          "'sticking the landing' (Roeder et al. 2017); the VAE rows with k > 1 are unchanged")
+    ap.add_argument("--k-start", type=int, nargs=2, metavar=("K", "EPOCHS"), default=None,
+                    help="IWAE rows with more than K samples: train the first EPOCHS epochs with K samples, "
+                         "then with the row's k (early epochs cost less; validation and the test use the row's k)")
     ap.add_argument("--seed", type=int, default=0,
                     help="training seed: the initial weights, the data order, the binarization and the samples")
     ap.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's ε (the paper: 1e-4; torch's default 1e-8)")

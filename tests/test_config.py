@@ -24,6 +24,8 @@ def test_json_round_trip_is_exact():
     ({"train": {"lr": 0}}, ["lr"]),
     ({"train": {"adam_eps": 0.0}}, ["adam_eps", "positive"]),
     ({"train": {"output_bias": "mean"}}, ["train.output_bias", "zero", "data"]),
+    ({"train": {"k": 50, "k_start": 5}}, ["k_start", "k_start_epochs", "go together"]),
+    ({"train": {"epochs": 10, "k": 50, "k_start": 5, "k_start_epochs": 10}}, ["k_start_epochs (10)", "epochs (10)"]),
     ({"data": {"mnist_valid": 0}}, ["mnist_valid", "between 1 and 59999"]),
     ({"data": {"mnist_valid": 60000}}, ["mnist_valid", "between 1 and 59999"]),
     ({"data": {"source": "my.npz", "mnist_valid": 400}}, ["mnist_valid", "'my.npz'", "valid_fraction"]),

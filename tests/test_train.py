@@ -444,3 +444,33 @@ def test_kl_warm_up_reaches_iwae_training(tmp_path):
                splits, None, progress=False)
     assert warm[0]["train_loss"] < plain[0]["train_loss"] - 0.1  # β < 1 all epoch: a smaller loss (equal if ignored)
     assert warm[0]["valid_iwae_loss"] != plain[0]["valid_iwae_loss"]
+
+
+def test_k_start_trains_the_first_epochs_with_fewer_samples(tmp_path, monkeypatch):
+    """k_start samples per image for the first k_start_epochs epochs, then k; validation always uses k."""
+    cfg = toy_config(epochs=3, objective="iwae", k=4, k_start=2, k_start_epochs=2)
+    steps = -(-200 // 32)  # 200 training images, batch 32
+    seen = []
+    real = train.iwae
+    monkeypatch.setattr(train, "iwae", lambda model, x, k, *a, **kw: seen.append((k, model.training)) or
+                        real(model, x, k, *a, **kw))
+    schedule = fit(build(cfg.model, seed=0), cfg, toy_splits(), tmp_path, progress=False)
+    trained = [k for k, training in seen if training]
+    assert trained == [2] * 2 * steps + [4] * steps
+    assert {k for k, training in seen if not training} == {4}  # the validation −L_k of every epoch
+    # The first epochs are those of a k = 2 run, to the bit: the same samples, the same updates.
+    two = fit(build(cfg.model, seed=0), toy_config(epochs=3, objective="iwae", k=2), toy_splits(), None,
+              progress=False)
+    assert [m["train_loss"] for m in schedule[:2]] == [m["train_loss"] for m in two[:2]]
+    assert schedule[2]["train_loss"] != two[2]["train_loss"]
+
+    # A run stopped inside the cheap start resumes with k_start, then goes on with k.
+    def crash_after_first(record):
+        if record["epoch"] == 1:
+            raise Crash
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        fit(build(cfg.model, seed=0), cfg, toy_splits(), resumed, progress=False, on_epoch=crash_after_first)
+    again = fit(build(cfg.model, seed=5), cfg, toy_splits(), resumed, resume=True, progress=False)
+    assert _without_seconds(again) == _without_seconds(schedule)

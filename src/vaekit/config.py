@@ -104,6 +104,8 @@ class TrainConfig:
     checkpoint_every: int | None = None  # also checkpoint every N steps, not only at epoch ends
     objective: Literal["elbo", "iwae", "norm-penalty"] = "elbo"  # norm-penalty: the poor man's VAE loss
     k: int = 1  # samples of z per example: IWAE's importance samples, or the ELBO averaged over k (Burda et al. 2015)
+    k_start: int = 0  # if set: samples of z per example in the first k_start_epochs epochs, a cheaper start
+    k_start_epochs: int = 0  # (the validation loss and the choice of the best epoch always use k)
     warmup_steps: int = 0  # β rises linearly from 0 over this many steps (KL warm-up)
     dreg: bool = False  # IWAE only: the doubly reparameterized encoder gradient (Tucker et al. 2019)
     free_bits: float = 0.0  # nats: a floor on each latent dimension's KL in the loss (Kingma et al. 2016)
@@ -133,6 +135,16 @@ class TrainConfig:
             raise ConfigError(f"k (importance samples) must be at least 1, got {self.k}.")
         if self.objective == "norm-penalty" and self.k != 1:
             raise ConfigError(f"k = {self.k} has no meaning for the norm-penalty objective; drop --k.")
+        if self.k_start < 0 or self.k_start_epochs < 0:
+            raise ConfigError("k_start and k_start_epochs must be non-negative.")
+        if (self.k_start > 0) != (self.k_start_epochs > 0):
+            raise ConfigError(f"k_start ({self.k_start}) and k_start_epochs ({self.k_start_epochs}) go together: "
+                              "set both (k_start samples for the first k_start_epochs epochs) or neither.")
+        if self.k_start and self.objective == "norm-penalty":
+            raise ConfigError("k_start has no meaning for the norm-penalty objective; drop it.")
+        if self.k_start and self.k_start_epochs >= self.epochs:
+            raise ConfigError(f"k_start_epochs ({self.k_start_epochs}) must be fewer than epochs ({self.epochs}), "
+                              f"or the run never trains with k = {self.k}.")
         if self.warmup_steps < 0 or self.free_bits < 0:
             raise ConfigError("warmup_steps and free_bits must be non-negative.")
         if self.objective == "iwae" and (self.free_bits > 0 or self.beta != 1.0):

@@ -9,6 +9,7 @@ progress bar is refreshed.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -318,6 +319,12 @@ def beta_at(tc: TrainConfig, step: int) -> float:
     return tc.beta * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.beta
 
 
+def config_of_epoch(tc: TrainConfig, epoch: int) -> TrainConfig:
+    """The training config that epoch ``epoch`` (1-based) trains with: k_start samples of z in the
+    first k_start_epochs epochs, k after. Cheap early epochs, then the bound that counts."""
+    return dataclasses.replace(tc, k=tc.k_start) if tc.k_start and epoch <= tc.k_start_epochs else tc
+
+
 def objective(model, x: torch.Tensor, tc: TrainConfig, step: int, y: torch.Tensor | None = None):
     """The loss parts of one batch at global step ``step`` (0-based), as ``tc`` says; y: labels, if conditional."""
     return loss_parts(model, x, y, beta_at(tc, step), tc)
@@ -478,8 +485,10 @@ def fit(
         if tc.compile:
             probe = data.first(tc.batch_size).to(device).float().mul_(data.scale)  # rounded, not sampled: no RNG used
             step_loss = compiled_loss(model, probe.round() if data.dynamic else probe,
-                                      None if data.y is None else data.y[: tc.batch_size], tc, autocast)
+                                      None if data.y is None else data.y[: tc.batch_size],
+                                      config_of_epoch(tc, state["epoch"] + 1), autocast)
         for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+            tc_epoch = config_of_epoch(tc, epoch)  # a new k compiles once more
             t0 = time.perf_counter()
             if part is None:
                 order = torch.randperm(n, generator=gen).to(device)
@@ -505,9 +514,9 @@ def fit(
                         group["lr"] = schedule(state["step"] + i)
                 with autocast:
                     if step_loss is None:
-                        parts = objective(model, xb, tc, state["step"] + i, yb)
+                        parts = objective(model, xb, tc_epoch, state["step"] + i, yb)
                     else:
-                        parts = step_loss(model, xb, yb, beta_t.fill_(beta_at(tc, state["step"] + i)), tc)
+                        parts = step_loss(model, xb, yb, beta_t.fill_(beta_at(tc, state["step"] + i)), tc_epoch)
                 loss = parts.loss.mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
