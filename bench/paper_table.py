@@ -59,7 +59,7 @@ def row_config(name: str, args) -> RunConfig:
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
              "lr_min": args.lr * args.lr_min_factor, "objective": objective, "k": k, "warmup_steps": args.warmup,
              "dreg": args.dreg and objective == "iwae", "adam_eps": args.adam_eps, "output_bias": args.output_bias,
-             "seed": args.seed, "compile": args.compile}
+             "seed": args.seed, "compile": args.compile, "ema": args.ema}
     if args.k_start and objective == "iwae" and k > args.k_start[0]:
         train |= {"k_start": args.k_start[0], "k_start_epochs": args.k_start[1]}
     model = {} if args.activation is None else {"activation": args.activation}
@@ -96,8 +96,9 @@ def run_row(name: str, out: Path, args, splits) -> dict:
         if "valid_iwae_loss" in r:
             line += f"  valid -L_{cfg.train.k} {r['valid_iwae_loss']:.2f}"
         if r["epoch"] in CURVE_EPOCHS or r["epoch"] == cfg.train.epochs:
-            # The test NLL of the weights as they are now, on the first --curve-images test images.
-            point = curve_point(model, x_curve, r["epoch"], args.k)
+            # The test NLL of the weights as they are now, on the first --curve-images test images
+            # (with --ema, of their moving average, which fit has just saved as last.safetensors).
+            point = curve_point(runs.load(run, "last") if cfg.train.ema else model, x_curve, r["epoch"], args.k)
             kept = [c for c in runs.read_jsonl(curve_path) if c["epoch"] < r["epoch"]] if curve_path.exists() else []
             runs.write_text(curve_path, "".join(json.dumps(c) + "\n" for c in [*kept, point]))
             line += f"  test NLL ({len(x_curve)} images) {point['nll']:.2f}"
@@ -120,7 +121,8 @@ def run_row(name: str, out: Path, args, splits) -> dict:
                    "warmup_steps": tc.warmup_steps, "objective": tc.objective, "k": tc.k, "dreg": tc.dreg,
                    "k_start": tc.k_start, "k_start_epochs": tc.k_start_epochs,
                    "adam_eps": tc.adam_eps, "output_bias": tc.output_bias, "seed": tc.seed,
-                   "compile": tc.compile, "activation": cfg.model.activation, "train_images": len(splits.train)},
+                   "compile": tc.compile, "ema": tc.ema, "activation": cfg.model.activation,
+                   "train_images": len(splits.train)},
         "threads": torch.get_num_threads(), "session_seconds": round(time.perf_counter() - t0, 1),
     }
     runs.write_json(result_path, result)
@@ -153,9 +155,10 @@ def figure(outs: list[Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     curves = [(c, j) for j, out in enumerate(outs) for c in sorted(out.glob("*/curve.jsonl"))]
-    styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (4, 1)), (0, (6, 2, 1, 2, 1, 2)), (0, (2, 2, 6, 2))]
+    styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (4, 1)), (0, (6, 2, 1, 2, 1, 2)),
+              (0, (2, 2, 6, 2)), (0, (9, 2))]
     for curve_path, j in curves:
         name = curve_path.parent.name
         pts = runs.read_jsonl(curve_path)
@@ -169,7 +172,7 @@ def figure(outs: list[Path], path: Path) -> None:
     ax.set_xlabel("epoch (passes over the training images)")
     ax.set_ylabel("test NLL, nats (k = 5000, first 1000 test images)")
     ax.set_title("Test NLL against epochs; dotted: Burda et al. 2015 after 3280 epochs", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: the curves' ends stay visible
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -191,6 +194,9 @@ def main() -> None:
     ap.add_argument("--k-start", type=int, nargs=2, metavar=("K", "EPOCHS"), default=None,
                     help="IWAE rows with more than K samples: train the first EPOCHS epochs with K samples, "
                          "then with the row's k (early epochs cost less; validation and the test use the row's k)")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="keep a moving average of the weights with this decay (e.g. 0.9995) and validate, keep "
+                         "and test it instead of the raw weights (0: off)")
     ap.add_argument("--seed", type=int, default=0,
                     help="training seed: the initial weights, the data order, the binarization and the samples")
     ap.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's ε (the paper: 1e-4; torch's default 1e-8)")

@@ -26,6 +26,8 @@ def test_json_round_trip_is_exact():
     ({"train": {"output_bias": "mean"}}, ["train.output_bias", "zero", "data"]),
     ({"train": {"k": 50, "k_start": 5}}, ["k_start", "k_start_epochs", "go together"]),
     ({"train": {"epochs": 10, "k": 50, "k_start": 5, "k_start_epochs": 10}}, ["k_start_epochs (10)", "epochs (10)"]),
+    ({"train": {"ema": 1.0}}, ["ema", "[0, 1)", "got 1.0"]),
+    ({"train": {"ema": -0.5}}, ["ema", "[0, 1)"]),
     ({"data": {"mnist_valid": 0}}, ["mnist_valid", "between 1 and 59999"]),
     ({"data": {"mnist_valid": 60000}}, ["mnist_valid", "between 1 and 59999"]),
     ({"data": {"source": "my.npz", "mnist_valid": 400}}, ["mnist_valid", "'my.npz'", "valid_fraction"]),

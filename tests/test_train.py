@@ -149,14 +149,15 @@ def _state_meta(run):
 
 
 # 200 training images in batches of 32: 7 steps an epoch, 21 in all; checkpoints at global steps 3, 6, 9, ...
-@pytest.mark.parametrize("binarize, crash_step, last_ckpt", [
-    ("dynamic", 11, (1, 2)),  # epoch 2 checkpointed after its 2nd step (global step 9)
-    ("static", 16, (2, 1)),  # epoch 3 after its 1st step (global step 15)
-    ("none", 13, (1, 5)),  # epoch 2 after its 5th step (global step 12)
+@pytest.mark.parametrize("binarize, crash_step, last_ckpt, ema", [
+    ("dynamic", 11, (1, 2), 0.0),  # epoch 2 checkpointed after its 2nd step (global step 9)
+    ("static", 16, (2, 1), 0.0),  # epoch 3 after its 1st step (global step 15)
+    ("none", 13, (1, 5), 0.0),  # epoch 2 after its 5th step (global step 12)
+    ("dynamic", 11, (1, 2), 0.8),  # and the moving average of the weights goes on from where it was
 ])
-def test_mid_epoch_resume_is_bitwise_exact(tmp_path, monkeypatch, binarize, crash_step, last_ckpt):
+def test_mid_epoch_resume_is_bitwise_exact(tmp_path, monkeypatch, binarize, crash_step, last_ckpt, ema):
     splits = toy_splits()
-    cfg = toy_config(epochs=3).replace(data={"binarize": binarize})
+    cfg = toy_config(epochs=3, ema=ema).replace(data={"binarize": binarize})
     straight = fit(build(cfg.model, seed=0), cfg, splits, tmp_path / "straight", progress=False)
 
     cfg = cfg.replace(train={"checkpoint_every": 3})
@@ -261,6 +262,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_says_how_to
     {"objective": "iwae", "k": 5},
     {"warmup_steps": 10, "free_bits": 0.1, "lr_schedule": "cosine", "lr_min": 1e-4},
     {"output_bias": "data", "adam_eps": 1e-4},  # a resumed run must not fit the bias again
+    {"ema": 0.9},  # the saved weights are the average: the resumed run must carry it on, not restart it
 ])
 def test_objective_options_train_and_resume_exactly(tmp_path, train):
     cfg = toy_config(epochs=2, **train)
@@ -474,3 +476,35 @@ def test_k_start_trains_the_first_epochs_with_fewer_samples(tmp_path, monkeypatc
         fit(build(cfg.model, seed=0), cfg, toy_splits(), resumed, progress=False, on_epoch=crash_after_first)
     again = fit(build(cfg.model, seed=5), cfg, toy_splits(), resumed, resume=True, progress=False)
     assert _without_seconds(again) == _without_seconds(schedule)
+
+
+def test_ema_validates_and_saves_the_moving_average_and_leaves_training_alone(tmp_path):
+    """train.ema = d: after steps with weights θ1, θ2, ... the average is θ1, then d·avg + (1 − d)·θ."""
+    splits = toy_splits()
+    one_step = {"epochs": 3, "batch_size": 200}  # 200 training images: one step an epoch
+    cfg, d = toy_config(**one_step), 0.7
+    raw = build(cfg.model, seed=0)
+    seen = []
+    plain = fit(raw, cfg, splits, None, progress=False,
+                on_epoch=lambda r: seen.append({k: v.clone() for k, v in raw.state_dict().items()}))
+    want = seen[0]
+    for weights in seen[1:]:
+        want = {k: d * want[k] + (1 - d) * weights[k] for k in want}
+
+    model = build(cfg.model, seed=0)
+    averaged = fit(model, toy_config(**one_step, ema=d), splits, tmp_path, progress=False)
+    # Training is untouched: the same losses, and the model ends with the same raw weights.
+    assert [m["train_loss"] for m in averaged] == [m["train_loss"] for m in plain]
+    assert all(torch.equal(v, seen[-1][k]) for k, v in model.state_dict().items())
+    saved = load_file(str(tmp_path / "last.safetensors"))
+    assert saved.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(saved[k], want[k])
+    assert any(not torch.allclose(saved[k], seen[-1][k]) for k in want)  # the average, not the last weights
+    # The epoch is judged by the average: its validation −ELBO is the average's.
+    judge = build(cfg.model)
+    judge.load_state_dict(saved)
+    x_valid = train.eval_set(splits.valid, cfg.data)
+    assert averaged[-1]["valid_nelbo"] == pytest.approx(
+        train.elbo_means(judge, x_valid, cfg.train.eval_batch_size, seed=cfg.train.seed)["nelbo"], rel=1e-6)
+    assert averaged[-1]["valid_nelbo"] != pytest.approx(plain[-1]["valid_nelbo"], rel=1e-6)

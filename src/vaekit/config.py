@@ -115,6 +115,8 @@ class TrainConfig:
     output_bias: Literal["zero", "data"] = "zero"  # the decoder's output bias at the start: zero, or fitted to
     # the training data's mean, so that p(x|z) starts at the average image (Burda et al.'s code does this)
     compile: bool = False  # torch.compile the loss (forward and backward); falls back to eager, saying why
+    ema: float = 0.0  # if set: the decay of an exponential moving average of the weights, updated every step
+    # (e.g. 0.999); validation, the best epoch and the saved weights are then the average's, not the raw weights
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -153,6 +155,9 @@ class TrainConfig:
         if self.dreg and self.objective != "iwae":
             raise ConfigError("dreg (the doubly reparameterized gradient) is an estimator for the IWAE objective; "
                               "use --objective iwae or drop dreg.")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema is the decay of a moving average of the weights and must be in [0, 1) "
+                              f"(0: off; 0.999 averages over about 1000 steps), got {self.ema}.")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be at least 1 step (or unset), got {self.checkpoint_every}.")
 

@@ -2,8 +2,9 @@
 
 A run directory holds
   config.json             the RunConfig (JSON, with format_version)
-  model.safetensors       weights of the best epoch by validation ELBO
+  model.safetensors       weights of the best epoch by validation ELBO (−L_k for IWAE runs)
   last.safetensors        weights of the last finished epoch
+                          (with train.ema, both are the moving average of the weights)
   state.safetensors       the last checkpoint (for --resume): weights, optimizer moments, RNG
                           states and counters, plus the data order and running sums of an
                           epoch checkpointed part-way
