@@ -96,9 +96,9 @@ def run_row(name: str, out: Path, args, splits) -> dict:
         if "valid_iwae_loss" in r:
             line += f"  valid -L_{cfg.train.k} {r['valid_iwae_loss']:.2f}"
         if r["epoch"] in CURVE_EPOCHS or r["epoch"] == cfg.train.epochs:
-            # The test NLL of the weights as they are now, on the first --curve-images test images
-            # (with --ema, of their moving average, which fit has just saved as last.safetensors).
-            point = curve_point(runs.load(run, "last") if cfg.train.ema else model, x_curve, r["epoch"], args.k)
+            # The test NLL of this epoch's weights as fit saved them (with --ema, their moving average),
+            # on the first --curve-images test images.
+            point = curve_point(runs.load(run, "last"), x_curve, r["epoch"], args.k)
             kept = [c for c in runs.read_jsonl(curve_path) if c["epoch"] < r["epoch"]] if curve_path.exists() else []
             runs.write_text(curve_path, "".join(json.dumps(c) + "\n" for c in [*kept, point]))
             line += f"  test NLL ({len(x_curve)} images) {point['nll']:.2f}"

@@ -202,8 +202,7 @@ class WeightAverage:
         self._average = [p.detach() for p in self.module.parameters()]
         self._weights = [p.detach() for p in model.parameters()]
 
-    @torch.no_grad()
-    def update(self) -> None:
+    def update(self) -> None:  # on detached tensors: no autograd bookkeeping to switch off
         if self.updates == 0:
             torch._foreach_copy_(self._average, self._weights)
         else:
