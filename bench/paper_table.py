@@ -61,7 +61,8 @@ def row_config(name: str, args) -> RunConfig:
              "dreg": args.dreg and objective == "iwae", "adam_eps": args.adam_eps, "output_bias": args.output_bias,
              "seed": args.seed, "compile": args.compile, "ema": args.ema}
     if args.k_start and objective == "iwae" and k > args.k_start[0]:
-        train |= {"k_start": args.k_start[0], "k_start_epochs": args.k_start[1]}
+        train |= {"k_start": args.k_start[0], "k_start_epochs": args.k_start[1],
+                  "k_start_batch_size": args.k_start_batch}
     model = {} if args.activation is None else {"activation": args.activation}
     data = {"mnist_valid": args.mnist_valid}
     return RunConfig.from_dict(merge(base, {"model": model, "data": data, "train": train, "preset": f"paper-{name}"}))
@@ -120,6 +121,7 @@ def run_row(name: str, out: Path, args, splits) -> dict:
         "recipe": {"batch_size": tc.batch_size, "lr": tc.lr, "lr_min": tc.lr_min, "schedule": tc.lr_schedule,
                    "warmup_steps": tc.warmup_steps, "objective": tc.objective, "k": tc.k, "dreg": tc.dreg,
                    "k_start": tc.k_start, "k_start_epochs": tc.k_start_epochs,
+                   "k_start_batch_size": tc.k_start_batch_size,
                    "adam_eps": tc.adam_eps, "output_bias": tc.output_bias, "seed": tc.seed,
                    "compile": tc.compile, "ema": tc.ema, "activation": cfg.model.activation,
                    "train_images": len(splits.train)},
@@ -158,7 +160,7 @@ def figure(outs: list[Path], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.8))
     curves = [(c, j) for j, out in enumerate(outs) for c in sorted(out.glob("*/curve.jsonl"))]
     styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (4, 1)), (0, (6, 2, 1, 2, 1, 2)),
-              (0, (2, 2, 6, 2)), (0, (9, 2))]
+              (0, (2, 2, 6, 2)), (0, (9, 2)), (0, (3, 1, 3, 1, 1, 1))]
     for curve_path, j in curves:
         name = curve_path.parent.name
         pts = runs.read_jsonl(curve_path)
@@ -179,7 +181,7 @@ def figure(outs: list[Path], path: Path) -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=["vae-1l-k1"], help=f"'all' or any of: {', '.join(ROWS)}")
     ap.add_argument("--epochs", type=int, default=200)
@@ -194,6 +196,10 @@ def main() -> None:
     ap.add_argument("--k-start", type=int, nargs=2, metavar=("K", "EPOCHS"), default=None,
                     help="IWAE rows with more than K samples: train the first EPOCHS epochs with K samples, "
                          "then with the row's k (early epochs cost less; validation and the test use the row's k)")
+    ap.add_argument("--k-start-batch", type=int, default=0, metavar="B",
+                    help="with --k-start: the batch size of those first epochs (0: --batch-size throughout). The "
+                         "lr schedule and --warmup count steps of --batch-size images, so a phase at another batch "
+                         "size moves them as far per epoch")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="keep a moving average of the weights with this decay (e.g. 0.9995) and validate, keep "
                          "and test it instead of the raw weights (0: off)")
@@ -222,7 +228,13 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
     ap.add_argument("--progress", action="store_true")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.k_start_batch and not args.k_start:
+        sys.exit("--k-start-batch is the batch size of the --k-start epochs; give --k-start K EPOCHS too, or drop it.")
     if args.figure is not None:
         return figure([args.out, *args.also], args.figure)
     if args.markdown:

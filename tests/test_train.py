@@ -478,6 +478,77 @@ def test_k_start_trains_the_first_epochs_with_fewer_samples(tmp_path, monkeypatc
     assert _without_seconds(again) == _without_seconds(schedule)
 
 
+def _record_iwae(monkeypatch, crash_at=None):
+    """Log (k, batch size, β) of each training call of iwae; raise Crash on the crash_at-th (1-based)."""
+    seen, real = [], train.iwae
+
+    def patched(model, x, k, *a, **kw):
+        if model.training:
+            seen.append((k, len(x), float(kw["beta"])))
+            if len(seen) == crash_at:
+                raise Crash
+        return real(model, x, k, *a, **kw)
+
+    monkeypatch.setattr(train, "iwae", patched)
+    return seen
+
+
+def _record_schedule(monkeypatch):
+    """Log the position each step asks the lr schedule for."""
+    at, real = [], train.lr_schedule
+
+    def patched(tc, total):
+        f = real(tc, total)
+        return lambda t: at.append(t) or f(t)
+
+    monkeypatch.setattr(train, "lr_schedule", patched)
+    return at
+
+
+def test_k_start_batch_size_moves_the_schedules_by_examples_seen(tmp_path, monkeypatch):
+    """k_start_batch_size: the cheap start trains in batches of its own; the lr schedule and the KL
+    warm-up, counted in steps of batch_size, advance one epoch's worth over each epoch either way."""
+    cfg = toy_config(epochs=4, objective="iwae", k=4, k_start=2, k_start_epochs=2, k_start_batch_size=16,
+                     batch_size=8, lr_schedule="cosine", warmup_steps=50)  # 200 images: 25 steps of 8 an epoch
+    seen, at = _record_iwae(monkeypatch), _record_schedule(monkeypatch)
+    straight = fit(build(cfg.model, seed=0), cfg, toy_splits(), tmp_path / "straight", progress=False)
+    cheap = [16] * 12 + [8]  # 200 = 12 × 16 + 8
+    assert [(k, b) for k, b, _ in seen] == [(2, b) for b in cheap * 2] + [(4, 8)] * 50
+    assert [m["step"] for m in straight] == [13, 26, 51, 76]
+    want = [e * 25 + i * 25 / 13 for e in (0, 1) for i in range(13)] + list(range(50, 100))
+    assert at == pytest.approx(want, abs=1e-12)
+    assert [beta for *_, beta in seen] == pytest.approx([min(1.0, (t + 1) / 50) for t in want])
+    assert seen[25][2] < 1.0 == seen[26][2]  # the warm-up of 2 epochs ends with the cheap start
+
+    # Without it the positions are the steps themselves, as they were before the option existed.
+    at.clear()
+    fit(build(cfg.model, seed=0), cfg.replace(train={"k_start_batch_size": 0}), toy_splits(), None, progress=False)
+    assert at == list(range(100)) and all(type(t) is int for t in at)
+
+    # Runs stopped part-way through an epoch of either batch size resume to the bit.
+    for crash_at, last in [(8, (0, 5)), (33, (2, 4))]:  # checkpoints every 5 steps: 5, 10, 13|15, ..., 26|30
+        monkeypatch.undo()
+        _record_iwae(monkeypatch, crash_at)
+        run, every = tmp_path / f"crash{crash_at}", cfg.replace(train={"checkpoint_every": 5})
+        with pytest.raises(Crash):
+            fit(build(cfg.model, seed=0), every, toy_splits(), run, progress=False)
+        monkeypatch.undo()
+        state, _ = _state_meta(run)
+        assert (state["epoch"], state["part"]["index"]) == last
+        resumed = fit(build(cfg.model, seed=3), every, toy_splits(), run, resume=True, progress=False)
+        assert _without_seconds(resumed) == _without_seconds(straight)
+
+    # ...and refuse a changed k_start_batch_size in the middle of the cheap start.
+    _record_iwae(monkeypatch, 8)
+    run = tmp_path / "changed"
+    with pytest.raises(Crash):
+        fit(build(cfg.model, seed=0), every, toy_splits(), run, progress=False)
+    monkeypatch.undo()
+    other = every.replace(train={"k_start_batch_size": 12})
+    with pytest.raises(RunError, match=r"batch size 16 .* batch size 12"):
+        fit(build(cfg.model), other, toy_splits(), run, resume=True, progress=False)
+
+
 def test_ema_validates_and_saves_the_moving_average_and_leaves_training_alone(tmp_path):
     """train.ema = d: after steps with weights θ1, θ2, ... the average is θ1, then d·avg + (1 − d)·θ."""
     splits = toy_splits()

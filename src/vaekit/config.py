@@ -106,7 +106,8 @@ class TrainConfig:
     k: int = 1  # samples of z per example: IWAE's importance samples, or the ELBO averaged over k (Burda et al. 2015)
     k_start: int = 0  # if set: samples of z per example in the first k_start_epochs epochs, a cheaper start
     k_start_epochs: int = 0  # (the validation loss and the choice of the best epoch always use k)
-    warmup_steps: int = 0  # β rises linearly from 0 over this many steps (KL warm-up)
+    k_start_batch_size: int = 0  # if set: the batch size of those first epochs (0: batch_size throughout)
+    warmup_steps: int = 0  # β rises linearly from 0 over this many steps of batch_size examples (KL warm-up)
     dreg: bool = False  # IWAE only: the doubly reparameterized encoder gradient (Tucker et al. 2019)
     free_bits: float = 0.0  # nats: a floor on each latent dimension's KL in the loss (Kingma et al. 2016)
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -142,6 +143,11 @@ class TrainConfig:
         if (self.k_start > 0) != (self.k_start_epochs > 0):
             raise ConfigError(f"k_start ({self.k_start}) and k_start_epochs ({self.k_start_epochs}) go together: "
                               "set both (k_start samples for the first k_start_epochs epochs) or neither.")
+        if self.k_start_batch_size < 0:
+            raise ConfigError(f"k_start_batch_size must be non-negative (0: batch_size), got {self.k_start_batch_size}.")
+        if self.k_start_batch_size and not self.k_start:
+            raise ConfigError(f"k_start_batch_size ({self.k_start_batch_size}) is the batch size of the k_start "
+                              "epochs; set k_start and k_start_epochs too, or drop it.")
         if self.k_start and self.objective == "norm-penalty":
             raise ConfigError("k_start has no meaning for the norm-penalty objective; drop it.")
         if self.k_start and self.k_start_epochs >= self.epochs:

@@ -357,19 +357,24 @@ def onednn_fp32_matmuls():
         torch.backends.mkldnn.matmul.fp32_precision = previous
 
 
-def beta_at(tc: TrainConfig, step: int) -> float:
-    """The KL weight at global step ``step`` (0-based): β, reached linearly over the warm-up steps."""
+def beta_at(tc: TrainConfig, step: float) -> float:
+    """The KL weight at global step ``step`` (0-based, counted in batches of tc.batch_size): β, reached
+    linearly over the warm-up steps."""
     return tc.beta * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.beta
 
 
 def config_of_epoch(tc: TrainConfig, epoch: int) -> TrainConfig:
-    """The training config that epoch ``epoch`` (1-based) trains with: k_start samples of z in the
-    first k_start_epochs epochs, k after. Cheap early epochs, then the bound that counts."""
-    return dataclasses.replace(tc, k=tc.k_start) if tc.k_start and epoch <= tc.k_start_epochs else tc
+    """The training config that epoch ``epoch`` (1-based) trains with: k_start samples of z (in
+    batches of k_start_batch_size, if set) in the first k_start_epochs epochs, k after. Cheap early
+    epochs, then the bound that counts."""
+    if not (tc.k_start and epoch <= tc.k_start_epochs):
+        return tc
+    return dataclasses.replace(tc, k=tc.k_start, batch_size=tc.k_start_batch_size or tc.batch_size)
 
 
-def objective(model, x: torch.Tensor, tc: TrainConfig, step: int, y: torch.Tensor | None = None):
-    """The loss parts of one batch at global step ``step`` (0-based), as ``tc`` says; y: labels, if conditional."""
+def objective(model, x: torch.Tensor, tc: TrainConfig, step: float, y: torch.Tensor | None = None):
+    """The loss parts of one batch at global step ``step`` (0-based, in batches of tc.batch_size), as ``tc``
+    says; y: labels, if conditional."""
     return loss_parts(model, x, y, beta_at(tc, step), tc)
 
 
@@ -474,6 +479,8 @@ def fit(
     y_valid = labels_for(splits.valid, cfg.model)
     y_valid = None if y_valid is None else y_valid.to(device)
     n = len(data)
+    # The lr schedule and the KL warm-up count progress in steps of tc.batch_size examples; an epoch
+    # with another batch size (k_start_batch_size) advances them by the same amount over its own steps.
     steps_per_epoch = math.ceil(n / tc.batch_size)
 
     # fused: one vectorised kernel over all parameters (bench/train_speed.py: ~3x faster step than foreach on CPU)
@@ -498,11 +505,12 @@ def fit(
             state["best_score"] = state.pop("best_valid_nelbo")
         part = state.pop("part", None)
         if part is not None:
-            if part["batch_size"] != tc.batch_size or len(epoch_tensors["epoch.order"]) != n:
+            batch = config_of_epoch(tc, state["epoch"] + 1).batch_size
+            if part["batch_size"] != batch or len(epoch_tensors["epoch.order"]) != n:
                 raise RunError(
                     f"{run} was checkpointed part-way through epoch {state['epoch'] + 1} with batch size "
                     f"{part['batch_size']} on {len(epoch_tensors['epoch.order'])} training examples, but its "
-                    f"config and data now give batch size {tc.batch_size} on {n}; restore them to resume.")
+                    f"config and data now give batch size {batch} on {n}; restore them to resume.")
             part.update(order=epoch_tensors["epoch.order"].to(device), sums=epoch_tensors["epoch.sums"].to(device))
         # Metrics of an epoch logged but not checkpointed before a crash are dropped; it is redone.
         metrics = [m for m in runs.read_jsonl(run / "metrics.jsonl") if m["epoch"] <= state["epoch"]]
@@ -531,12 +539,14 @@ def fit(
     with routing, flush_denormals():
         model.train()
         if tc.compile:
-            probe = data.first(tc.batch_size).to(device).float().mul_(data.scale)  # rounded, not sampled: no RNG used
+            first = config_of_epoch(tc, state["epoch"] + 1)
+            probe = data.first(first.batch_size).to(device).float().mul_(data.scale)  # rounded, not sampled: no RNG
             step_loss = compiled_loss(model, probe.round() if data.dynamic else probe,
-                                      None if data.y is None else data.y[: tc.batch_size],
-                                      config_of_epoch(tc, state["epoch"] + 1), autocast)
+                                      None if data.y is None else data.y[: first.batch_size], first, autocast)
         for epoch in range(state["epoch"] + 1, tc.epochs + 1):
-            tc_epoch = config_of_epoch(tc, epoch)  # a new k compiles once more
+            tc_epoch = config_of_epoch(tc, epoch)  # a new k or batch size compiles once more
+            batch = tc_epoch.batch_size
+            steps = math.ceil(n / batch)
             t0 = time.perf_counter()
             if part is None:
                 order = torch.randperm(n, generator=gen).to(device)
@@ -545,11 +555,13 @@ def fit(
             else:  # continue the epoch where its checkpoint left it; the RNGs are already restored
                 order, sums, start, skipped, seconds = (part[k] for k in ("order", "sums", "index", "skipped", "seconds"))
                 part = None
-            bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress,
+            bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress,
                        leave=False, unit="step")
-            batches = raw_batches(data, order, start, tc.batch_size, device)
-            for i, xb in zip(range(start, steps_per_epoch), batches):
-                idx = order[i * tc.batch_size : (i + 1) * tc.batch_size]
+            batches = raw_batches(data, order, start, batch, device)
+            for i, xb in zip(range(start, steps), batches):
+                idx = order[i * batch : (i + 1) * batch]
+                # Progress in steps of tc.batch_size (exactly state["step"] + i when batch is tc.batch_size).
+                at = (epoch - 1) * steps_per_epoch + (i if steps == steps_per_epoch else i * steps_per_epoch / steps)
                 if data.dynamic and xb.dtype == torch.uint8 and xb.device.type == "cpu":
                     xb = binarize_u8(xb, gen)  # (B, *shape) float32 0/1, straight from the bytes
                 else:
@@ -559,12 +571,12 @@ def fit(
                 yb = None if data.y is None else data.y.index_select(0, idx)
                 if schedule is not None:
                     for group in opt.param_groups:
-                        group["lr"] = schedule(state["step"] + i)
+                        group["lr"] = schedule(at)
                 with autocast:
                     if step_loss is None:
-                        parts = objective(model, xb, tc_epoch, state["step"] + i, yb)
+                        parts = objective(model, xb, tc_epoch, at, yb)
                     else:
-                        parts = step_loss(model, xb, yb, beta_t.fill_(beta_at(tc, state["step"] + i)), tc_epoch)
+                        parts = step_loss(model, xb, yb, beta_t.fill_(beta_at(tc, at)), tc_epoch)
                 loss = parts.loss.mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -590,15 +602,15 @@ def fit(
                             f"training diverged: {state['skipped_in_a_row']} steps in a row had a non-finite loss "
                             f"or gradient (epoch {epoch}). The last good checkpoint is intact; lower --lr or set a "
                             "gradient clip (--set train.grad_clip=1.0), then train again.")
-                if every is not None and (state["step"] + i + 1) % every == 0 and i + 1 < steps_per_epoch:
+                if every is not None and (state["step"] + i + 1) % every == 0 and i + 1 < steps:
                     # Mid-epoch checkpoint: the epoch's order, step index and running sums join the
                     # usual state, so a resume replays the rest of this epoch exactly.
-                    part_state = {**state, "part": {"index": i + 1, "skipped": skipped, "batch_size": tc.batch_size,
+                    part_state = {**state, "part": {"index": i + 1, "skipped": skipped, "batch_size": batch,
                                                     "seconds": seconds + time.perf_counter() - t0}}
                     _write_or_explain(run, saved, f"the checkpoint at epoch {epoch}, step {i + 1}", lambda: save_state(
                         run, model, opt, gen, part_state, {"epoch.order": order, "epoch.sums": sums}, ema))
                     saved = {"epoch": epoch - 1, "index": i + 1}
-                if progress and ((i + 1) % BAR_EVERY == 0 or i + 1 == steps_per_epoch):
+                if progress and ((i + 1) % BAR_EVERY == 0 or i + 1 == steps):
                     loss_sum, m = sums[2:].tolist()
                     bar.set_postfix(loss=f"{loss_sum / max(m, 1):.2f}", refresh=False)
                     bar.update((i + 1) - bar.n)
@@ -608,7 +620,7 @@ def fit(
             v_loss = valid_loss(judged, x_valid, tc, seed=tc.seed, y=y_valid)
             if v_loss is not None:
                 valid["iwae_loss"] = v_loss
-            state["step"] += steps_per_epoch
+            state["step"] += steps
             state["skipped_steps"] += skipped
             state["epoch"] = epoch
             record = {

@@ -1,0 +1,47 @@
+"""bench/paper_table.py: the command line reaches each row's config, and finished rows make the table."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("paper_table", Path(__file__).parents[1] / "bench" / "paper_table.py")
+paper_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paper_table)
+
+
+def _args(*argv):
+    return paper_table.parser().parse_args(list(argv))
+
+
+def test_the_cheap_start_and_its_batch_size_reach_the_rows_that_use_them():
+    args = _args("--epochs", "240", "--batch-size", "10", "--warmup", "50000", "--dreg",
+                 "--k-start", "5", "150", "--k-start-batch", "20")
+    tc = paper_table.row_config("iwae-2l-k50", args).train
+    assert (tc.objective, tc.k, tc.batch_size, tc.warmup_steps, tc.dreg) == ("iwae", 50, 10, 50000, True)
+    assert (tc.k_start, tc.k_start_epochs, tc.k_start_batch_size) == (5, 150, 20)
+    # A row with no more samples than the cheap start trains as it always does.
+    for row in ("iwae-1l-k5", "vae-1l-k1"):
+        tc = paper_table.row_config(row, args).train
+        assert (tc.k_start, tc.k_start_epochs, tc.k_start_batch_size, tc.batch_size) == (0, 0, 0, 10)
+    # Without --k-start-batch both phases train at --batch-size.
+    tc = paper_table.row_config("iwae-2l-k50", _args("--k-start", "5", "150", "--epochs", "200")).train
+    assert (tc.k_start_batch_size, tc.batch_size) == (0, 100)
+
+
+def test_a_k_start_batch_without_a_k_start_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--k-start-batch .* give --k-start K EPOCHS"):
+        paper_table.main(["--rows", "iwae-2l-k50", "--k-start-batch", "20", "--out", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_markdown_puts_each_finished_row_beside_the_paper(tmp_path):
+    result = {"row": "iwae-2l-k50", "epochs": 240, "best_epoch": 239, "nll": 83.0, "nll_stderr": 0.22,
+              "nelbo": 90.0, "active_units": 40, "train_seconds": 7800.4, "eval_seconds": 380.6,
+              "recipe": {"train_images": 59_600}}
+    (tmp_path / "iwae-2l-k50").mkdir()
+    (tmp_path / "iwae-2l-k50" / "paper_result.json").write_text(json.dumps(result))
+    line = paper_table.markdown(tmp_path, " (mine)").splitlines()[-1]
+    assert line == ("| iwae-2l-k50 (mine) | 59,600 | 240 (239) | 83.00 ± 0.22 | 82.90 | +0.10 | 90.00 | 40 | "
+                    "7800 | 381 |")
