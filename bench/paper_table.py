@@ -160,7 +160,7 @@ def figure(outs: list[Path], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.8))
     curves = [(c, j) for j, out in enumerate(outs) for c in sorted(out.glob("*/curve.jsonl"))]
     styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (4, 1)), (0, (6, 2, 1, 2, 1, 2)),
-              (0, (2, 2, 6, 2)), (0, (9, 2)), (0, (3, 1, 3, 1, 1, 1))]
+              (0, (2, 2, 6, 2)), (0, (9, 2)), (0, (3, 1, 3, 1, 1, 1)), (0, (8, 1, 1, 1))]
     for curve_path, j in curves:
         name = curve_path.parent.name
         pts = runs.read_jsonl(curve_path)
