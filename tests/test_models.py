@@ -32,6 +32,20 @@ def test_encode_decode_shapes_and_types(cfg):
     assert p.mean.shape == (7, 5, *cfg.input_shape)
 
 
+def test_every_configurable_activation_builds():
+    """The config's list of activation names and the models' table agree, name for name."""
+    from typing import get_args
+
+    from vaekit.config import Activation
+    from vaekit.models.common import ACTIVATIONS
+
+    assert set(get_args(Activation)) == set(ACTIVATIONS)
+    for name in ACTIVATIONS:
+        model = build(ModelConfig(latent_dim=2, hidden=(8,), activation=name, input_shape=(5,)), seed=0)
+        assert isinstance(model.encoder[1], ACTIVATIONS[name])
+        assert torch.isfinite(elbo(model, torch.rand(3, 5)).loss).all()
+
+
 def test_xavier_init_and_zero_bias():
     model = build(ModelConfig(latent_dim=20, hidden=(400,), input_shape=(1, 28, 28)))
     first = model.encoder[0]

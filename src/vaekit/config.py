@@ -18,7 +18,7 @@ from vaekit.errors import ConfigError
 FORMAT_VERSION = 1
 
 Likelihood = Literal["bernoulli", "gaussian"]
-Activation = Literal["relu", "tanh", "elu", "softplus", "leaky_relu", "gelu"]
+Activation = Literal["relu", "tanh", "elu", "softplus", "leaky_relu", "gelu", "silu"]
 Binarize = Literal["dynamic", "static", "none"]
 Precision = Literal["fp32", "bf16"]
 

@@ -19,6 +19,7 @@ ACTIVATIONS = {
     "softplus": nn.Softplus,
     "leaky_relu": nn.LeakyReLU,
     "gelu": nn.GELU,
+    "silu": nn.SiLU,
 }
 
 
