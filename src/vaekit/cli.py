@@ -12,13 +12,13 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, get_args
 
 import torch
 import typer
 
 from vaekit import __version__, runs
-from vaekit.config import PRESET_SOURCES, PRESETS, RunConfig, merge, preset
+from vaekit.config import PRESET_SOURCES, PRESETS, Activation, RunConfig, merge, preset
 from vaekit.errors import ConfigError, DataError, RunError, VaekitError
 
 app = typer.Typer(
@@ -167,7 +167,7 @@ def train(
     data: Optional[str] = typer.Option(None, "--data", help="'mnist' or a path: .npz/.npy, image folder, IDX file."),
     latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Size of z."),
     hidden: Optional[str] = typer.Option(None, "--hidden", help="Encoder layer sizes, e.g. 512,256 (decoder mirrors)."),
-    activation: Optional[str] = typer.Option(None, "--activation", help="relu, tanh, elu, softplus, leaky_relu, gelu, silu."),
+    activation: Optional[str] = typer.Option(None, "--activation", help=", ".join(get_args(Activation)) + "."),
     likelihood: Optional[str] = typer.Option(None, "--likelihood", help="bernoulli or gaussian."),
     sigma: Optional[str] = typer.Option(None, "--sigma", help="Gaussian σ (a number), or 'learned'."),
     binarize: Optional[str] = typer.Option(None, "--binarize", help="dynamic, static or none (default: dynamic for "
