@@ -1,12 +1,15 @@
 """The model contract: shapes, distributions, init, and a save/load round trip."""
 
+from typing import get_args
+
 import pytest
 import torch
 from torch.distributions import Bernoulli, Independent, Normal
 
 from vaekit import runs
-from vaekit.config import ModelConfig, RunConfig
+from vaekit.config import Activation, ModelConfig, RunConfig
 from vaekit.models import REGISTRY, build
+from vaekit.models.common import ACTIVATIONS
 from vaekit.objectives import elbo
 
 CONFIGS = [
@@ -34,11 +37,6 @@ def test_encode_decode_shapes_and_types(cfg):
 
 def test_every_configurable_activation_builds():
     """The config's list of activation names and the models' table agree, name for name."""
-    from typing import get_args
-
-    from vaekit.config import Activation
-    from vaekit.models.common import ACTIVATIONS
-
     assert set(get_args(Activation)) == set(ACTIVATIONS)
     for name in ACTIVATIONS:
         model = build(ModelConfig(latent_dim=2, hidden=(8,), activation=name, input_shape=(5,)), seed=0)
