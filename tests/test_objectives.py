@@ -8,6 +8,7 @@ import torch
 from torch.distributions import Bernoulli, Independent, Normal
 
 from vaekit.config import ModelConfig
+from vaekit.errors import ConfigError
 from vaekit.models import build
 from vaekit.objectives import elbo, iwae, iwae_bound, log_weights
 
@@ -219,6 +220,43 @@ def test_dreg_leaves_the_loss_and_the_decoder_gradient_as_they_are(arch):
             assert not torch.allclose(dreg[name], plain[name]), name  # the estimator did change
         else:  # the decoder and prior networks (p(z1|z2) too) get the plain IWAE gradient
             torch.testing.assert_close(dreg[name], plain[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", DREG_ARCHS)
+def test_dregs_fixed_log_q_matches_the_functional_call_one(arch):
+    """log q with the parameters fixed, built from detached distribution parameters (and, for
+    q(z2|z1), the network rerun with detached weights), against running the whole model through
+    torch.func.functional_call with detached parameters: same values, same gradient to z, and
+    no gradient for any parameter."""
+    from vaekit.objectives import _log_q_functional, _log_q_params_fixed
+
+    torch.manual_seed(0)
+    model = tiny(**DREG_ARCHS[arch])
+    x = torch.rand(4, 1, 4, 5).bernoulli()
+    z = model.encode(x).rsample((3,))
+    got = {}
+    for name, fn in [("fixed", _log_q_params_fixed), ("functional", _log_q_functional)]:
+        zz = z.detach().requires_grad_()
+        value = fn(model, x, None, zz)
+        value.sum().backward()
+        assert all(p.grad is None for p in model.parameters()), name
+        got[name] = (value.detach(), zz.grad)
+    torch.testing.assert_close(got["fixed"], got["functional"])
+    assert got["fixed"][1].abs().sum() > 0
+
+
+def test_forward_params_detached_is_the_network_without_parameter_gradients():
+    from vaekit.models.common import forward_params_detached, mlp
+
+    torch.manual_seed(0)
+    net = mlp([3, 5, 4], "softplus")
+    h = torch.randn(6, 3, requires_grad=True)
+    out = forward_params_detached(net, h)
+    torch.testing.assert_close(out, net(h))
+    out.sum().backward()
+    assert h.grad is not None and all(p.grad is None for p in net.parameters())
+    with pytest.raises(ConfigError, match="Linear layers and parameter-free"):
+        forward_params_detached(torch.nn.Sequential(torch.nn.LayerNorm(3)), h)
 
 
 @pytest.mark.parametrize("k", [7, 1])  # k = 1: "sticking the landing" (Roeder et al. 2017)

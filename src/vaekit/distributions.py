@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.distributions import Distribution, constraints
+from torch.distributions import Distribution, Independent, Normal, constraints
 
 Conditional = Callable[[torch.Tensor], Distribution]
 
@@ -26,9 +26,12 @@ class GaussianChain(Distribution):
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, first: Distribution, second: Conditional, d_second: int, order: str):
+    def __init__(self, first: Distribution, second: Conditional, d_second: int, order: str,
+                 second_fixed: Conditional | None = None):
         # order "ab": z = [a, b]; order "ba": z = [b, a] (the prior samples z2 first but we store [z1, z2]).
+        # second_fixed: `second` with its network's parameters detached (for DReG's log q; see fixed()).
         self.first, self.second, self.d_second, self.order = first, second, d_second, order
+        self.second_fixed = second_fixed
         d = first.event_shape[0] + d_second
         super().__init__(first.batch_shape, torch.Size([d]), validate_args=False)
         self._cache: tuple[torch.Tensor, torch.Tensor, Distribution] | None = None
@@ -61,8 +64,26 @@ class GaussianChain(Distribution):
             cond = self.second(a)
         return self.first.log_prob(a) + cond.log_prob(b)
 
+    def fixed(self) -> GaussianChain | None:
+        """This chain with its parameters held fixed: no gradient reaches them through log_prob,
+        while z (a as well as b) still gets its gradient. None if the chain was built without
+        second_fixed, or if `first` is not a diagonal Gaussian."""
+        first = detached_normal(self.first)
+        if first is None or self.second_fixed is None:
+            return None
+        return GaussianChain(first, self.second_fixed, self.d_second, self.order)
+
     @property
     def mean(self) -> torch.Tensor:
         """A plug-in summary, not the exact mean: [E a, E(b | a = E a)]."""
         a = self.first.mean
         return self._join(a, self.second(a).mean)
+
+
+def detached_normal(d: Distribution) -> Independent | None:
+    """A diagonal Gaussian Independent(Normal(loc, scale)) with loc and scale detached; None for anything else."""
+    if not (isinstance(d, Independent) and type(d.base_dist) is Normal):
+        return None
+    base = d.base_dist
+    return Independent(Normal(base.loc.detach(), base.scale.detach(), validate_args=False),
+                       d.reinterpreted_batch_ndims, validate_args=False)

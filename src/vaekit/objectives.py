@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
+from vaekit.distributions import GaussianChain, detached_normal
 from vaekit.errors import ConfigError
 
 
@@ -191,10 +192,24 @@ def dreg_terms(model, x: torch.Tensor, y: torch.Tensor | None,
 
 
 def _log_q_params_fixed(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
-    """log q(z|x) with every parameter detached: its gradient reaches the encoder only through z."""
-    fixed = {f"model.{name}": p.detach() for name, p in model.named_parameters()}
+    """log q(z|x) with every parameter detached: its gradient reaches the encoder only through z.
+
+    A diagonal Gaussian q is evaluated at its detached loc and scale, and a GaussianChain at
+    its fixed() form (q(z2|z1)'s network rerun with detached weights, z1 live): plain tensor
+    code, which torch.compile traces in one graph. Any other q goes through
+    torch.func.functional_call with detached copies of all parameters.
+    """
+    with torch.no_grad():  # x -> q's parameters: nothing there may get a gradient
+        q = encode(model, x, y)
+    fixed = q.fixed() if isinstance(q, GaussianChain) else detached_normal(q)
+    return fixed.log_prob(z) if fixed is not None else _log_q_functional(model, x, y, z)
+
+
+def _log_q_functional(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+    """_log_q_params_fixed for any q: the model run with detached copies of all its parameters."""
+    params = {f"model.{name}": p.detach() for name, p in model.named_parameters()}
     # x detached too: were x a leaf that needs a gradient, the score term would reach it here.
-    return torch.func.functional_call(_LogQ(model), fixed, (x.detach(), y, z))
+    return torch.func.functional_call(_LogQ(model), params, (x.detach(), y, z))
 
 
 def norm_penalty(model, x: torch.Tensor, lam: float = 1.0) -> ElboParts:

@@ -33,6 +33,24 @@ def mlp(sizes: list[int], activation: str, last_activation: bool = False) -> nn.
     return nn.Sequential(*layers)
 
 
+def forward_params_detached(net: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+    """net(h) with every weight and bias detached: the output's gradient reaches h, not net.
+
+    For an mlp() (Linear layers and parameter-free activations). What DReG needs of an encoder
+    network whose input is itself a sample (q(z2|z1)), without torch.func.functional_call,
+    which torch.compile cannot trace in one graph.
+    """
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            bias = None if layer.bias is None else layer.bias.detach()
+            h = F.linear(h, layer.weight.detach(), bias)
+        elif next(layer.parameters(), None) is None:
+            h = layer(h)
+        else:
+            raise ConfigError(f"forward_params_detached handles Linear layers and parameter-free ones, not {layer}.")
+    return h
+
+
 def xavier_(module: nn.Module) -> None:
     """Xavier/Glorot weights and zero biases, as in the TensorFlow VAE tutorial."""
     for m in module.modules():

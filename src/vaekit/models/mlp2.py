@@ -17,7 +17,7 @@ from torch import nn
 
 from vaekit.config import ModelConfig
 from vaekit.distributions import GaussianChain
-from vaekit.models.common import Likelihood, diag_gaussian, mlp, standard_normal, xavier_
+from vaekit.models.common import Likelihood, diag_gaussian, forward_params_detached, mlp, standard_normal, xavier_
 
 
 class TwoLayerVAE(nn.Module):
@@ -46,7 +46,8 @@ class TwoLayerVAE(nn.Module):
     def encode(self, x: torch.Tensor, y: None = None) -> GaussianChain:
         """q(z1, z2 | x) = q(z1|x) q(z2|z1), batch shape (B,), event (d1 + d2,)."""
         q1 = diag_gaussian(self.q_z1(x.flatten(start_dim=-len(self.input_shape))))
-        return GaussianChain(q1, lambda z1: diag_gaussian(self.q_z2(z1)), self.cfg.latent_dim, order="ab")
+        return GaussianChain(q1, lambda z1: diag_gaussian(self.q_z2(z1)), self.cfg.latent_dim, order="ab",
+                             second_fixed=lambda z1: diag_gaussian(forward_params_detached(self.q_z2, z1)))
 
     def prior(self) -> GaussianChain:
         """p(z1, z2) = p(z2) p(z1|z2), over z = [z1, z2]."""
