@@ -59,7 +59,8 @@ def row_config(name: str, args) -> RunConfig:
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
              "lr_min": args.lr * args.lr_min_factor, "objective": objective, "k": k, "warmup_steps": args.warmup,
              "dreg": args.dreg and objective == "iwae", "adam_eps": args.adam_eps, "output_bias": args.output_bias,
-             "seed": args.seed, "compile": args.compile, "ema": args.ema}
+             "seed": args.seed, "compile": args.compile, "ema": args.ema,
+             "grad_samples": args.grad_samples if args.dreg and objective == "iwae" else 0}
     if args.k_start and objective == "iwae" and k > args.k_start[0]:
         train |= {"k_start": args.k_start[0], "k_start_epochs": args.k_start[1],
                   "k_start_batch_size": args.k_start_batch}
@@ -123,7 +124,8 @@ def run_row(name: str, out: Path, args, splits) -> dict:
                    "k_start": tc.k_start, "k_start_epochs": tc.k_start_epochs,
                    "k_start_batch_size": tc.k_start_batch_size,
                    "adam_eps": tc.adam_eps, "output_bias": tc.output_bias, "seed": tc.seed,
-                   "compile": tc.compile, "ema": tc.ema, "activation": cfg.model.activation,
+                   "compile": tc.compile, "ema": tc.ema, "grad_samples": tc.grad_samples,
+                   "activation": cfg.model.activation,
                    "train_images": len(splits.train)},
         "threads": torch.get_num_threads(), "session_seconds": round(time.perf_counter() - t0, 1),
     }
@@ -193,6 +195,9 @@ def parser() -> argparse.ArgumentParser:
                     help="IWAE rows: the doubly reparameterized encoder gradient (Tucker et al. 2019); same "
                          "objective, less noisy gradient. The k = 1 rows then train with its one-sample case, "
                          "'sticking the landing' (Roeder et al. 2017); the VAE rows with k > 1 are unchanged")
+    ap.add_argument("--grad-samples", type=int, default=0, metavar="N",
+                    help="with --dreg, IWAE rows: backpropagate through about N of the k samples per image, drawn "
+                         "by their importance weight and reweighted so that the gradient stays unbiased (0: all)")
     ap.add_argument("--k-start", type=int, nargs=2, metavar=("K", "EPOCHS"), default=None,
                     help="IWAE rows with more than K samples: train the first EPOCHS epochs with K samples, "
                          "then with the row's k (early epochs cost less; validation and the test use the row's k)")
@@ -235,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.k_start_batch and not args.k_start:
         sys.exit("--k-start-batch is the batch size of the --k-start epochs; give --k-start K EPOCHS too, or drop it.")
+    if args.grad_samples and not args.dreg:
+        sys.exit("--grad-samples thins the backward pass of the DReG estimator; give --dreg too, or drop it.")
     if args.figure is not None:
         return figure([args.out, *args.also], args.figure)
     if args.markdown:

@@ -319,3 +319,104 @@ def test_dreg_needs_the_iwae_objective():
     TrainConfig(objective="iwae", k=5, dreg=True).check()
     with pytest.raises(ConfigError, match="dreg.*IWAE"):
         TrainConfig(objective="elbo", dreg=True).check()
+
+
+def test_grad_samples_needs_dreg_and_a_count():
+    from vaekit.config import TrainConfig
+
+    TrainConfig(objective="iwae", k=50, dreg=True, grad_samples=4).check()
+    with pytest.raises(ConfigError, match="grad_samples.*dreg"):
+        TrainConfig(objective="iwae", k=50, grad_samples=4).check()
+    with pytest.raises(ConfigError, match="grad_samples must be non-negative"):
+        TrainConfig(objective="iwae", k=50, dreg=True, grad_samples=-1).check()
+
+
+def test_iwae_with_grad_samples_takes_the_sparse_backward_pass_only_below_k():
+    """grad_samples < k: the sparse pass (a different gradient, the same loss); ≥ k, or no graph: iwae as it is."""
+    torch.manual_seed(0)
+    model = tiny()
+    x = torch.rand(3, 1, 4, 5).bernoulli()
+
+    def run(**kw):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        parts = iwae(model, x, 6, dreg=True, **kw)
+        parts.loss.sum().backward()
+        return parts.loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    full, sparse, same = run(), run(grad_samples=2), run(grad_samples=6)
+    torch.testing.assert_close(sparse[0], full[0])
+    assert not torch.allclose(sparse[1], full[1])
+    assert torch.equal(same[0], full[0]) and torch.equal(same[1], full[1])
+    with torch.no_grad():  # evaluation: no graph, nothing to thin
+        torch.manual_seed(1)
+        torch.testing.assert_close(iwae(model, x, 6, dreg=True, grad_samples=2).loss, full[0])
+
+
+def test_horvitz_thompson_draw_takes_m_distinct_rows_each_with_its_probability():
+    """Inclusion probabilities π = min(1, w/τ) with Σ π = m in each column (τ found here by
+    bisection), checked by counting 4000 draws; the returned weights are w/π, so Σ over a draw
+    of (w/π)·f is unbiased for Σ w·f."""
+    from vaekit.objectives import horvitz_thompson_draw
+
+    torch.manual_seed(0)
+    w = torch.softmax(torch.randn(40, 3, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.1]), 0)
+    m, draws = 8, 4000
+    pi = torch.empty_like(w)
+    for b in range(3):
+        lo, hi = 0.0, 1.0
+        for _ in range(200):
+            tau = (lo + hi) / 2
+            lo, hi = (tau, hi) if (w[:, b] / tau).clamp(max=1).sum() > m else (lo, tau)
+        pi[:, b] = (w[:, b] / tau).clamp(max=1)
+    assert (pi[:, 0] == 1).sum() >= 1 and (pi[:, 2] < 1).all()  # some samples certain, in an uneven column
+    counts = torch.zeros_like(w)
+    for _ in range(draws):
+        idx, weight = horvitz_thompson_draw(w, m)
+        assert idx.shape == (m, 3) and all(len(idx[:, b].unique()) == m for b in range(3))
+        torch.testing.assert_close(weight, w.gather(0, idx) / pi.gather(0, idx))
+        counts.scatter_add_(0, idx, torch.ones_like(weight))
+    se = (pi * (1 - pi) / draws).sqrt().clamp_min(1e-3)
+    assert ((counts / draws - pi).abs() / se).max() < 4.5
+    all_idx, all_w = horvitz_thompson_draw(w, 40)  # m = k: every row, weighted as it is
+    assert torch.equal(all_idx[:, 1], torch.arange(40)) and torch.equal(all_w, w)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.3])
+@pytest.mark.parametrize("arch", DREG_ARCHS)
+def test_sparse_iwae_keeps_the_loss_and_the_expected_gradient(arch, beta):
+    """grad_samples = 2 of k = 8 (a quarter of the backward pass): for the same draw of z, the
+    loss is the full −L_k and the gradient averaged over 600 draws of the subset is DReG's full
+    gradient, within Monte Carlo error, for encoder and decoder alike."""
+    from vaekit.objectives import dreg_terms, sparse_iwae
+
+    torch.manual_seed(0)
+    model = tiny(**DREG_ARCHS[arch])
+    x = torch.rand(4, 1, 4, 5).bernoulli()
+    k = 8
+
+    def sparse(seed):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        z = model.encode(x).rsample((k,))  # the same z every time
+        torch.manual_seed(seed)  # a new subset
+        return sparse_iwae(model, x, None, z, beta, 2, dreg_terms)
+
+    # the full DReG gradient for this z, through iwae itself (same seed, so the same z)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    full = iwae(model, x, k, beta=beta, dreg=True)
+    full.loss.sum().backward()
+    g_full = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+    draws = []
+    for s in range(600):
+        parts = sparse(1000 + s)
+        if s == 0:
+            torch.testing.assert_close(parts.loss, full.loss)
+        parts.loss.sum().backward()
+        draws.append(torch.cat([p.grad.flatten() for p in model.parameters()]).double())
+    g = torch.stack(draws)
+    assert not torch.allclose(g[0], g_full)  # a single draw is not the full gradient
+    se = (g.var(0) / len(g)).sqrt()
+    z_score = (g.mean(0) - g_full) / (se + 1e-6 * g_full.abs().max())
+    assert z_score.abs().max() < 5

@@ -30,6 +30,18 @@ def test_the_cheap_start_and_its_batch_size_reach_the_rows_that_use_them():
     assert (tc.k_start_batch_size, tc.batch_size) == (0, 100)
 
 
+def test_grad_samples_reach_the_dreg_iwae_rows_only():
+    args = _args("--dreg", "--grad-samples", "4")
+    assert paper_table.row_config("iwae-2l-k50", args).train.grad_samples == 4
+    assert paper_table.row_config("vae-1l-k5", args).train.grad_samples == 0  # an ELBO row: no DReG
+    assert paper_table.row_config("iwae-2l-k50", _args("--grad-samples", "4")).train.grad_samples == 0
+
+
+def test_grad_samples_without_dreg_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--grad-samples .* give --dreg too"):
+        paper_table.main(["--rows", "iwae-2l-k50", "--grad-samples", "4", "--out", str(tmp_path / "runs")])
+
+
 def test_a_k_start_batch_without_a_k_start_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--k-start-batch .* give --k-start K EPOCHS"):
         paper_table.main(["--rows", "iwae-2l-k50", "--k-start-batch", "20", "--out", str(tmp_path / "runs")])

@@ -478,6 +478,31 @@ def test_k_start_trains_the_first_epochs_with_fewer_samples(tmp_path, monkeypatc
     assert _without_seconds(again) == _without_seconds(schedule)
 
 
+def test_grad_samples_thin_the_epochs_at_k_only_and_resume_exactly(tmp_path, monkeypatch):
+    """The cheap start's few samples all get a backward pass; the epochs at k use grad_samples, and a
+    run stopped between them resumes to the same numbers (the subsets are drawn from the saved RNG)."""
+    cfg = toy_config(epochs=3, objective="iwae", k=4, k_start=2, k_start_epochs=1, dreg=True, grad_samples=2)
+    seen, real = [], train.iwae
+    monkeypatch.setattr(train, "iwae", lambda model, x, k, *a, **kw: (model.training and seen.append(
+        (k, kw["grad_samples"]))) or real(model, x, k, *a, **kw))
+    whole = fit(build(cfg.model, seed=0), cfg, toy_splits(), tmp_path / "whole", progress=False)
+    steps = -(-200 // 32)
+    assert seen == [(2, 0)] * steps + [(4, 2)] * 2 * steps
+    dense = fit(build(cfg.model, seed=0), cfg.replace(train={"grad_samples": 0}), toy_splits(), None, progress=False)
+    assert whole[0]["train_loss"] == dense[0]["train_loss"]  # the cheap start is untouched
+    assert whole[2]["valid_iwae_loss"] != dense[2]["valid_iwae_loss"]  # the thinned epochs train differently
+
+    def crash_after_second(record):
+        if record["epoch"] == 2:
+            raise Crash
+
+    run = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        fit(build(cfg.model, seed=0), cfg, toy_splits(), run, progress=False, on_epoch=crash_after_second)
+    again = fit(build(cfg.model, seed=5), cfg, toy_splits(), run, resume=True, progress=False)
+    assert _without_seconds(again) == _without_seconds(whole)
+
+
 def _record_iwae(monkeypatch, crash_at=None):
     """Log (k, batch size, β) of each training call of iwae; raise Crash on the crash_at-th (1-based)."""
     seen, real = [], train.iwae

@@ -187,6 +187,9 @@ def train(
     k: Optional[int] = typer.Option(None, "--k", help="Importance samples per image for --objective iwae."),
     dreg: bool = typer.Option(False, "--dreg", help="With --objective iwae: the doubly reparameterized encoder "
                               "gradient (Tucker et al. 2019); same objective, less noisy gradient."),
+    grad_samples: Optional[int] = typer.Option(None, "--grad-samples", help="With --dreg: backpropagate through "
+                                               "about N of the k samples per image, drawn by their importance "
+                                               "weight and reweighted: an unbiased gradient, a cheaper backward pass."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="KL warm-up: β rises linearly over N steps."),
     free_bits: Optional[float] = typer.Option(None, "--free-bits", help="Floor (nats) on each latent dim's KL."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant or cosine."),
@@ -216,7 +219,8 @@ def train(
             ("--activation", activation), ("--likelihood", likelihood), ("--sigma", sigma), ("--binarize", binarize), ("--stream", stream),
             ("--batch-size", batch_size), ("--lr", lr), ("--beta", beta), ("--seed", seed),
             ("--subset", subset), ("--precision", precision), ("--config", config_file), ("--set", set_ or None),
-            ("--checkpoint-every", checkpoint_every), ("--objective", objective), ("--k", k), ("--dreg", dreg or None), ("--warmup", warmup),
+            ("--checkpoint-every", checkpoint_every), ("--objective", objective), ("--k", k), ("--dreg", dreg or None),
+            ("--grad-samples", grad_samples), ("--warmup", warmup),
             ("--free-bits", free_bits), ("--lr-schedule", lr_schedule),
             ("--conditional", conditional or None), ("--compile", compile_ or None)] if value is not None]
         if given:
@@ -240,7 +244,7 @@ def train(
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed,
                       "precision": precision, "checkpoint_every": checkpoint_every, "objective": objective,
                       "k": k, "warmup_steps": warmup, "free_bits": free_bits, "lr_schedule": lr_schedule,
-                      "compile": compile_ or None, "dreg": dreg or None},
+                      "compile": compile_ or None, "dreg": dreg or None, "grad_samples": grad_samples},
         }
         if sigma is not None:
             if sigma == "learned":

@@ -109,6 +109,9 @@ class TrainConfig:
     k_start_batch_size: int = 0  # if set: the batch size of those first epochs (0: batch_size throughout)
     warmup_steps: int = 0  # β rises linearly from 0 over this many steps of batch_size examples (KL warm-up)
     dreg: bool = False  # IWAE only: the doubly reparameterized encoder gradient (Tucker et al. 2019)
+    # with dreg: backpropagate through about this many of the k samples per example, drawn by their weight and
+    # reweighted so that the gradient stays unbiased (objectives.sparse_iwae); 0: all k. Not in the k_start epochs.
+    grad_samples: int = 0
     free_bits: float = 0.0  # nats: a floor on each latent dimension's KL in the loss (Kingma et al. 2016)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_min: float = 0.0  # where the cosine schedule ends
@@ -161,6 +164,12 @@ class TrainConfig:
         if self.dreg and self.objective != "iwae":
             raise ConfigError("dreg (the doubly reparameterized gradient) is an estimator for the IWAE objective; "
                               "use --objective iwae or drop dreg.")
+        if self.grad_samples < 0:
+            raise ConfigError(f"grad_samples must be non-negative (0: backpropagate through all k samples), "
+                              f"got {self.grad_samples}.")
+        if self.grad_samples and not self.dreg:
+            raise ConfigError("grad_samples thins the backward pass of the DReG estimator; set dreg as well "
+                              "(--dreg), or drop grad_samples.")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema is the decay of a moving average of the weights and must be in [0, 1) "
                               f"(0: off; 0.999 averages over about 1000 steps), got {self.ema}.")

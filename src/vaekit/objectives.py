@@ -134,7 +134,8 @@ class IwaeParts(NamedTuple):
 
 
 def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
-         beta: float | torch.Tensor = 1.0, dreg: bool = False, terms: Callable | None = None) -> IwaeParts:
+         beta: float | torch.Tensor = 1.0, dreg: bool = False, terms: Callable | None = None,
+         grad_samples: int = 0) -> IwaeParts:
     """The IWAE objective with k samples; distortion + rate is the k-sample average ELBO (≥ −L_k).
 
     beta ≠ 1 weights log p(z) − log q(z|x) inside each log-weight, as β weights the KL in the
@@ -153,10 +154,15 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
 
     terms: what computes dreg_terms (the default), e.g. torch.compile(dreg_terms), which is how
     `--compile` trains with dreg: the hook stays on z, outside the compiled graph.
+
+    grad_samples (with dreg; 0: all): backpropagate through this many of each example's k
+    samples, drawn by their weights, not all of them; see sparse_iwae. ``loss`` keeps its value.
     """
     q = encode(model, x, y)
     z = q.rsample((k,))  # (k, B, D)
     dreg = dreg and z.requires_grad
+    if dreg and 0 < grad_samples < k:
+        return sparse_iwae(model, x, y, z, beta, grad_samples, terms or dreg_terms)
     if dreg:
         log_px_z, log_ratio = (terms or dreg_terms)(model, x, y, z)
     else:
@@ -169,6 +175,60 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
         z.register_hook(lambda g: g * scale)
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
     return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound)
+
+
+def sparse_iwae(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor, beta: float | torch.Tensor,
+                m: int, terms: Callable) -> IwaeParts:
+    """iwae with dreg whose backward pass runs through m of each example's k samples z.
+
+    The gradient of L_k is Σ_i w̃_i ∇ log w_i (the encoder's share reweighted by DReG), and
+    the normalised weights w̃ of a trained model are very uneven: a few samples carry nearly
+    all of it. So all k log-weights of an example are computed without a graph (the forward
+    pass, which the bound's value needs anyway), and the backward pass runs through m of
+    them only, drawn without replacement with inclusion probability π_i = min(1, w̃_i/τ),
+    τ set so that Σ_i π_i = m (every sample with w̃_i ≥ τ is certain to be in). Each drawn
+    sample is weighted by w̃_i/π_i (Horvitz & Thompson 1952), so the gradient is unbiased:
+    its expectation over the draw is the full gradient, for these z. The loss value is the
+    full −L_k. The decoder's forward pass stays at k samples an example; the backward pass,
+    which costs about twice as much, and the forward pass it needs shrink to m.
+    """
+    k = z.shape[0]
+    with torch.no_grad():
+        log_px_z, log_ratio = terms(model, x, y, z.detach())  # (k, B) each, no graph
+    log_w = log_px_z + beta * log_ratio
+    w = torch.softmax(log_w, dim=0)
+    picked, ht = horvitz_thompson_draw(w, m)  # (m, B) each
+    z_sel = z.gather(0, picked.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (m, B, D), on z's graph
+    lp, lr = terms(model, x, y, z_sel)
+    scale = ((1 - beta) + beta * w.gather(0, picked)).unsqueeze(-1)  # DReG's factor, as in iwae
+    z_sel.register_hook(lambda g: g * scale)
+    surrogate = -(ht * (lp + beta * lr)).sum(0)  # (B,)
+    bound = torch.logsumexp(log_w, dim=0) - math.log(k)
+    return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound + (surrogate - surrogate.detach()))
+
+
+def horvitz_thompson_draw(w: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each column of w (k, B), weights ≥ 0: m distinct row indices, row i drawn with
+    probability π_i = min(1, w_i/τ), where τ (one per column) makes Σ_i π_i = m; and each drawn
+    row's w_i/π_i. Both (m, B).
+
+    τ by water-filling: with a column sorted, its j largest weights are certain and the rest
+    share the m − j other draws; j is the first count for which the (j+1)-th largest weight fits
+    under τ_j = (Σ of the rest)/(m − j) (j = m − 1 always qualifies). The draw is systematic:
+    one uniform offset u per column, and the points u, u + 1, …, u + m − 1 on the cumulative sum of π.
+    """
+    k, B = w.shape
+    if m >= k:
+        return torch.arange(k, device=w.device).unsqueeze(1).expand(k, B), w
+    s = w.sort(dim=0, descending=True).values[:m]  # (m, B)
+    rest = w.sum(0) - torch.cat([s.new_zeros(1, B), s.cumsum(0)[:-1]])  # Σ of all but the j largest, j < m
+    tau_j = rest / torch.arange(m, 0, -1, device=w.device, dtype=w.dtype).unsqueeze(1)
+    tau = tau_j.gather(0, (s <= tau_j).int().argmax(0, keepdim=True))  # (1, B): the first j that fits
+    pi = (w / tau).clamp(max=1.0)
+    points = torch.rand(B, 1, device=w.device, dtype=w.dtype) + torch.arange(m, device=w.device, dtype=w.dtype)
+    edges = pi.cumsum(0).T.contiguous()  # (B, k)
+    picked = torch.searchsorted(edges, points, right=True).clamp(max=k - 1).T  # (m, B)
+    return picked, w.gather(0, picked) / pi.gather(0, picked)
 
 
 class _LogQ(torch.nn.Module):

@@ -366,10 +366,11 @@ def beta_at(tc: TrainConfig, step: float) -> float:
 def config_of_epoch(tc: TrainConfig, epoch: int) -> TrainConfig:
     """The training config that epoch ``epoch`` (1-based) trains with: k_start samples of z (in
     batches of k_start_batch_size, if set) in the first k_start_epochs epochs, k after. Cheap early
-    epochs, then the bound that counts."""
+    epochs, then the bound that counts. grad_samples thins the backward pass of the epochs at k only:
+    the few samples of the cheap start all get theirs."""
     if not (tc.k_start and epoch <= tc.k_start_epochs):
         return tc
-    return dataclasses.replace(tc, k=tc.k_start, batch_size=tc.k_start_batch_size or tc.batch_size)
+    return dataclasses.replace(tc, k=tc.k_start, batch_size=tc.k_start_batch_size or tc.batch_size, grad_samples=0)
 
 
 def objective(model, x: torch.Tensor, tc: TrainConfig, step: float, y: torch.Tensor | None = None):
@@ -381,7 +382,7 @@ def objective(model, x: torch.Tensor, tc: TrainConfig, step: float, y: torch.Ten
 def loss_parts(model, x: torch.Tensor, y: torch.Tensor | None, beta: float | torch.Tensor, tc: TrainConfig):
     """The objective's parts for a batch, with the KL weight ``beta`` given (a tensor when compiled)."""
     if tc.objective == "iwae":
-        return iwae(model, x, tc.k, y, beta=beta, dreg=tc.dreg)
+        return iwae(model, x, tc.k, y, beta=beta, dreg=tc.dreg, grad_samples=tc.grad_samples)
     if tc.objective == "norm-penalty":
         return norm_penalty(model, x, tc.beta)
     return elbo(model, x, beta=beta, free_bits=tc.free_bits, k=tc.k, y=y)
@@ -403,7 +404,7 @@ def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfi
             terms = torch.compile(dreg_terms, dynamic=False)
 
             def fn(model, x, y, beta, tc):
-                return iwae(model, x, tc.k, y, beta=beta, dreg=True, terms=terms)
+                return iwae(model, x, tc.k, y, beta=beta, dreg=True, terms=terms, grad_samples=tc.grad_samples)
         else:
             fn = torch.compile(loss_parts, dynamic=False)
         with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device]), autocast:
