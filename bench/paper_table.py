@@ -196,7 +196,7 @@ def parser() -> argparse.ArgumentParser:
                          "objective, less noisy gradient. The k = 1 rows then train with its one-sample case, "
                          "'sticking the landing' (Roeder et al. 2017); the VAE rows with k > 1 are unchanged")
     ap.add_argument("--grad-samples", type=int, default=0, metavar="N",
-                    help="with --dreg, IWAE rows: backpropagate through about N of the k samples per image, drawn "
+                    help="with --dreg, IWAE rows: backpropagate through N of the k samples per image, drawn "
                          "by their importance weight and reweighted so that the gradient stays unbiased (0: all)")
     ap.add_argument("--k-start", type=int, nargs=2, metavar=("K", "EPOCHS"), default=None,
                     help="IWAE rows with more than K samples: train the first EPOCHS epochs with K samples, "

@@ -152,3 +152,13 @@ def test_threads_option_sets_torch_threads(tmp_path, npz):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_grad_samples_reach_the_run_config_and_need_dreg(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    iw = ["--objective", "iwae", "--k", "6", "--dreg", "--binarize", "dynamic"]
+    assert main(train_args(run, npz, *iw, "--grad-samples", "2")) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["grad_samples"] == 2
+    assert main(train_args(tmp_path / "no_dreg", npz, "--objective", "iwae", "--k", "6", "--grad-samples", "2")) != 0
+    assert "grad_samples thins the backward pass of the DReG estimator" in capsys.readouterr().err
+    assert not (tmp_path / "no_dreg" / "model.safetensors").exists()

@@ -188,7 +188,7 @@ def train(
     dreg: bool = typer.Option(False, "--dreg", help="With --objective iwae: the doubly reparameterized encoder "
                               "gradient (Tucker et al. 2019); same objective, less noisy gradient."),
     grad_samples: Optional[int] = typer.Option(None, "--grad-samples", help="With --dreg: backpropagate through "
-                                               "about N of the k samples per image, drawn by their importance "
+                                               "N of the k samples per image, drawn by their importance "
                                                "weight and reweighted: an unbiased gradient, a cheaper backward pass."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="KL warm-up: β rises linearly over N steps."),
     free_bits: Optional[float] = typer.Option(None, "--free-bits", help="Floor (nats) on each latent dim's KL."),

@@ -1,0 +1,111 @@
+"""Time one IWAE training step (DReG, `--compile`) several ways, side by side in one process.
+
+    python bench/iwae_step.py --row iwae-2l-k50 --grad-samples 0 2 4 8
+    python bench/iwae_step.py --row iwae-1l-k50 --log-q both
+
+Each variant is a model of the row's architecture (softplus, batch 20 by default) with its own
+Adam and its own compiled loss, trained on one fixed binarized batch. The variants take turns
+in blocks of 100 steps, so a slow minute of the machine falls on all of them; the median block
+is reported, with each variant's speed relative to the first.
+
+Variants: each --grad-samples value (0: the backward pass through all k samples), and with
+--log-q both also DReG's log q with fixed parameters the old way (torch.func.functional_call,
+which torch.compile splits into several graphs) beside the current one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import paper_table  # noqa: E402  (this directory: the rows' configs)
+
+from vaekit import objectives  # noqa: E402
+from vaekit.cpu import keep_freed_memory  # noqa: E402
+from vaekit.models import build  # noqa: E402
+from vaekit.train import compiled_loss, flush_denormals  # noqa: E402
+
+
+def functional_call_terms(model, x, y, z):
+    """dreg_terms with log q through torch.func.functional_call (the code before 2026-11-27)."""
+    return objectives.decode(model, z, y).log_prob(x), \
+        model.prior().log_prob(z) - objectives._log_q_functional(model, x, y, z)
+
+
+def variants(args) -> list[tuple[str, object]]:
+    """(name, step function) for each variant asked for."""
+    x = (torch.rand(args.batch_size, 1, 28, 28, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    row_args = paper_table.parser().parse_args(["--batch-size", str(args.batch_size), "--activation", "softplus",
+                                                "--dreg", "--compile"])
+    beta = torch.tensor(1.0)
+    out = []
+    wanted = [("log q: fixed distribution", 0, None)] if args.log_q == "fixed" else []
+    if args.log_q == "both":
+        wanted = [("log q: functional_call", 0, torch.compile(functional_call_terms, dynamic=False)),
+                  ("log q: fixed distribution", 0, None)]
+    wanted += [(f"grad_samples {m}", m, None) for m in args.grad_samples if m or args.log_q != "both"]
+    for name, m, terms in wanted:
+        cfg = paper_table.row_config(args.row, row_args)
+        cfg = cfg.replace(train={"k": args.k or cfg.train.k, "grad_samples": m}, model={"input_shape": [1, 28, 28]})
+        model = build(cfg.model, seed=0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+        tc = cfg.train
+        if terms is None:
+            fn = compiled_loss(model, x, None, tc, torch.autocast("cpu", enabled=False))
+            loss = (lambda model=model, fn=fn, tc=tc: fn(model, x, None, beta, tc).loss.mean())
+        else:
+            loss = (lambda model=model, terms=terms, tc=tc:
+                    objectives.iwae(model, x, tc.k, None, beta=beta, dreg=True, terms=terms).loss.mean())
+
+        def step(loss=loss, opt=opt):
+            value = loss()
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+
+        out.append((name, step))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--row", default="iwae-2l-k50", help="a row of bench/paper_table.py (an IWAE row)")
+    ap.add_argument("--k", type=int, default=0, help="samples per image (0: the row's)")
+    ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--grad-samples", type=int, nargs="+", default=[0, 4])
+    ap.add_argument("--log-q", choices=["fixed", "both"], default="fixed")
+    ap.add_argument("--blocks", type=int, default=8, help="blocks of 100 steps per variant")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    if not paper_table.parse_row(args.row)[1] == "iwae":
+        sys.exit(f"--row {args.row}: give an IWAE row (the DReG step is what this times).")
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    with flush_denormals():
+        runs = variants(args)
+        times: dict[str, list[float]] = {name: [] for name, _ in runs}
+        for _, step in runs:  # warm-up, after compiling
+            for _ in range(30):
+                step()
+        for _ in range(args.blocks):
+            for name, step in runs:
+                t0 = time.perf_counter()
+                for _ in range(100):
+                    step()
+                times[name].append((time.perf_counter() - t0) * 10)  # ms a step
+    first = statistics.median(times[runs[0][0]])
+    k = args.k or paper_table.parse_row(args.row)[2]
+    print(f"{args.row}, k = {k}, batch {args.batch_size}, {args.threads} threads, {args.blocks} blocks of 100 steps")
+    for name, t in times.items():
+        med = statistics.median(t)
+        print(f"  {name:28s} {med:6.2f} ms a step (blocks {min(t):.2f} to {max(t):.2f})  x{first / med:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""bench/iwae_step.py: its variants are the steps they are named for, and it refuses a row it cannot time."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("iwae_step", Path(__file__).parents[1] / "bench" / "iwae_step.py")
+iwae_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(iwae_step)
+
+
+def test_an_elbo_row_is_refused():
+    with pytest.raises(SystemExit, match="give an IWAE row"):
+        iwae_step.main(["--row", "vae-1l-k1"])
+
+
+@pytest.mark.slow
+def test_it_times_every_variant_and_prints_their_ratios(capsys):
+    iwae_step.main(["--row", "iwae-1l-k5", "--blocks", "1", "--grad-samples", "0", "2", "--log-q", "both"])
+    out = capsys.readouterr().out
+    assert "iwae-1l-k5, k = 5" in out
+    for name in ("log q: functional_call", "log q: fixed distribution", "grad_samples 2"):
+        assert name in out
+    assert out.count(" x") == 3 and "x1.00" in out  # each against the first
