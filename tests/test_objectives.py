@@ -380,6 +380,16 @@ def test_horvitz_thompson_draw_takes_m_distinct_rows_each_with_its_probability()
     assert ((counts / draws - pi).abs() / se).max() < 4.5
     all_idx, all_w = horvitz_thompson_draw(w, 40)  # m = k: every row, weighted as it is
     assert torch.equal(all_idx[:, 1], torch.arange(40)) and torch.equal(all_w, w)
+    # Fewer weights above zero than draws (float32 weights underflow): those, and zero-weight fill.
+    few = torch.zeros(40, 2)
+    few[[3, 7], 0] = torch.tensor([0.75, 0.25])
+    few[5, 1] = 1.0
+    for _ in range(50):
+        idx, weight = horvitz_thompson_draw(few, m)
+        assert torch.isfinite(weight).all() and all(len(idx[:, b].unique()) == m for b in range(2))
+        assert {3, 7} <= set(idx[:, 0].tolist()) and 5 in idx[:, 1].tolist()
+        assert torch.equal(weight.sum(0), torch.ones(2))  # the nonzero ones at their own weight, the fill at 0
+    assert torch.equal(all_idx[:, 1], torch.arange(40)) and torch.equal(all_w, w)
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.3])

@@ -216,17 +216,21 @@ def horvitz_thompson_draw(w: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.
     share the m − j other draws; j is the first count for which the (j+1)-th largest weight fits
     under τ_j = (Σ of the rest)/(m − j) (j = m − 1 always qualifies). The draw is systematic:
     one uniform offset u per column, and the points u, u + 1, …, u + m − 1 on the cumulative sum of π.
+    π is computed from w + 1e-12 so that no π is 0: a column with fewer than m weights above
+    zero (float32 weights of a trained model underflow) draws all of those and fills up with
+    zero-weight rows, whose w/π is 0. The cumulative sum is rescaled to end at m exactly.
     """
     k, B = w.shape
     if m >= k:
         return torch.arange(k, device=w.device).unsqueeze(1).expand(k, B), w
-    s = w.sort(dim=0, descending=True).values[:m]  # (m, B)
-    rest = w.sum(0) - torch.cat([s.new_zeros(1, B), s.cumsum(0)[:-1]])  # Σ of all but the j largest, j < m
+    s = (w + 1e-12).sort(dim=0, descending=True).values  # (k, B)
+    rest = s.flip(0).cumsum(0).flip(0)[:m]  # Σ of all but the j largest, j < m, summed from the small end
     tau_j = rest / torch.arange(m, 0, -1, device=w.device, dtype=w.dtype).unsqueeze(1)
-    tau = tau_j.gather(0, (s <= tau_j).int().argmax(0, keepdim=True))  # (1, B): the first j that fits
-    pi = (w / tau).clamp(max=1.0)
+    tau = tau_j.gather(0, (s[:m] <= tau_j).int().argmax(0, keepdim=True))  # (1, B): the first j that fits
+    pi = ((w + 1e-12) / tau).clamp(max=1.0)
+    edges = pi.cumsum(0)
+    edges = (edges * (m / edges[-1])).T.contiguous()  # (B, k), ending at m
     points = torch.rand(B, 1, device=w.device, dtype=w.dtype) + torch.arange(m, device=w.device, dtype=w.dtype)
-    edges = pi.cumsum(0).T.contiguous()  # (B, k)
     picked = torch.searchsorted(edges, points, right=True).clamp(max=k - 1).T  # (m, B)
     return picked, w.gather(0, picked) / pi.gather(0, picked)
 
