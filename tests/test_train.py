@@ -467,14 +467,7 @@ def test_k_start_trains_the_first_epochs_with_fewer_samples(tmp_path, monkeypatc
     assert schedule[2]["train_loss"] != two[2]["train_loss"]
 
     # A run stopped inside the cheap start resumes with k_start, then goes on with k.
-    def crash_after_first(record):
-        if record["epoch"] == 1:
-            raise Crash
-
-    resumed = tmp_path / "resumed"
-    with pytest.raises(Crash):
-        fit(build(cfg.model, seed=0), cfg, toy_splits(), resumed, progress=False, on_epoch=crash_after_first)
-    again = fit(build(cfg.model, seed=5), cfg, toy_splits(), resumed, resume=True, progress=False)
+    again = _stopped_and_resumed(cfg, tmp_path / "resumed", after_epoch=1)
     assert _without_seconds(again) == _without_seconds(schedule)
 
 
@@ -492,15 +485,20 @@ def test_grad_samples_thin_the_epochs_at_k_only_and_resume_exactly(tmp_path, mon
     assert whole[0]["train_loss"] == dense[0]["train_loss"]  # the cheap start is untouched
     assert whole[2]["valid_iwae_loss"] != dense[2]["valid_iwae_loss"]  # the thinned epochs train differently
 
-    def crash_after_second(record):
-        if record["epoch"] == 2:
+    again = _stopped_and_resumed(cfg, tmp_path / "resumed", after_epoch=2)
+    assert _without_seconds(again) == _without_seconds(whole)
+
+
+def _stopped_and_resumed(cfg, run, after_epoch: int) -> list[dict]:
+    """Train cfg into run, stop it right after epoch after_epoch, resume it (from another seed's
+    weights, which the checkpoint replaces) and return the resumed run's metrics."""
+    def crash(record):
+        if record["epoch"] == after_epoch:
             raise Crash
 
-    run = tmp_path / "resumed"
     with pytest.raises(Crash):
-        fit(build(cfg.model, seed=0), cfg, toy_splits(), run, progress=False, on_epoch=crash_after_second)
-    again = fit(build(cfg.model, seed=5), cfg, toy_splits(), run, resume=True, progress=False)
-    assert _without_seconds(again) == _without_seconds(whole)
+        fit(build(cfg.model, seed=0), cfg, toy_splits(), run, progress=False, on_epoch=crash)
+    return fit(build(cfg.model, seed=5), cfg, toy_splits(), run, resume=True, progress=False)
 
 
 def _record_iwae(monkeypatch, crash_at=None):
