@@ -223,11 +223,12 @@ def horvitz_thompson_draw(w: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.
     k, B = w.shape
     if m >= k:
         return torch.arange(k, device=w.device).unsqueeze(1).expand(k, B), w
-    s = (w + 1e-12).sort(dim=0, descending=True).values  # (k, B)
+    floored = w + 1e-12  # what π comes from: no π is 0
+    s = floored.sort(dim=0, descending=True).values  # (k, B)
     rest = s.flip(0).cumsum(0).flip(0)[:m]  # Σ of all but the j largest, j < m, summed from the small end
     tau_j = rest / torch.arange(m, 0, -1, device=w.device, dtype=w.dtype).unsqueeze(1)
     tau = tau_j.gather(0, (s[:m] <= tau_j).int().argmax(0, keepdim=True))  # (1, B): the first j that fits
-    pi = ((w + 1e-12) / tau).clamp(max=1.0)
+    pi = (floored / tau).clamp(max=1.0)
     edges = pi.cumsum(0)
     edges = (edges * (m / edges[-1])).T.contiguous()  # (B, k), ending at m
     points = torch.rand(B, 1, device=w.device, dtype=w.dtype) + torch.arange(m, device=w.device, dtype=w.dtype)
