@@ -10,6 +10,7 @@ DEMO_EPOCHS ?= 10
 .PHONY: setup data demo test test-slow bench clean
 
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "vaekit needs Python 3.10 or newer; " + sys.executable + " is " + sys.version.split()[0] + ". Name one: make demo PYTHON=python3.12")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
