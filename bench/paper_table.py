@@ -56,11 +56,12 @@ def row_config(name: str, args) -> RunConfig:
     # DReG with one sample is "sticking the landing" (Roeder et al. 2017): the k = 1 IWAE objective is
     # the ELBO (with its KL sampled, not in closed form), and the encoder's gradient drops the score term.
     objective = "iwae" if (obj == "iwae" and k > 1) or (args.dreg and k == 1) else "elbo"
+    dreg = args.dreg and objective == "iwae"
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
              "lr_min": args.lr * args.lr_min_factor, "objective": objective, "k": k, "warmup_steps": args.warmup,
-             "dreg": args.dreg and objective == "iwae", "adam_eps": args.adam_eps, "output_bias": args.output_bias,
+             "dreg": dreg, "adam_eps": args.adam_eps, "output_bias": args.output_bias,
              "seed": args.seed, "compile": args.compile, "ema": args.ema,
-             "grad_samples": args.grad_samples if args.dreg and objective == "iwae" else 0}
+             "grad_samples": args.grad_samples if dreg else 0}
     if args.k_start and objective == "iwae" and k > args.k_start[0]:
         train |= {"k_start": args.k_start[0], "k_start_epochs": args.k_start[1],
                   "k_start_batch_size": args.k_start_batch}

@@ -170,11 +170,16 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
         log_ratio = model.prior().log_prob(z) - q.log_prob(z)  # (k, B): log p(z) − log q(z|x)
     log_w = log_px_z + beta * log_ratio  # 1.0 · r is r, bit for bit
     if dreg:
-        w = torch.softmax(log_w.detach(), dim=0)  # (k, B): w̃, the normalised weights
-        scale = ((1 - beta) + beta * w).unsqueeze(-1)  # d(loss)/dz_i is already w̃_i · d(log w_i)/dz_i
-        z.register_hook(lambda g: g * scale)
+        _dreg_reweight(z, torch.softmax(log_w.detach(), dim=0), beta)  # w̃ (k, B), the normalised weights
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
     return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound)
+
+
+def _dreg_reweight(z: torch.Tensor, w: torch.Tensor, beta: float | torch.Tensor) -> None:
+    """DReG's factor on the gradient that reaches the samples z (…, B, D) of normalised weights w (…, B):
+    d(loss)/dz_i is already w̃_i · d(log w_i)/dz_i, and DReG weights it by w̃_i once more."""
+    scale = ((1 - beta) + beta * w).unsqueeze(-1)
+    z.register_hook(lambda g: g * scale)
 
 
 def sparse_iwae(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor, beta: float | torch.Tensor,
@@ -200,8 +205,7 @@ def sparse_iwae(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor,
     picked, ht = horvitz_thompson_draw(w, m)  # (m, B) each
     z_sel = z.gather(0, picked.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (m, B, D), on z's graph
     lp, lr = terms(model, x, y, z_sel)
-    scale = ((1 - beta) + beta * w.gather(0, picked)).unsqueeze(-1)  # DReG's factor, as in iwae
-    z_sel.register_hook(lambda g: g * scale)
+    _dreg_reweight(z_sel, w.gather(0, picked), beta)
     surrogate = -(ht * (lp + beta * lr)).sum(0)  # (B,)
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
     return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound + (surrogate - surrogate.detach()))
