@@ -391,13 +391,49 @@ def test_horvitz_thompson_draw_takes_m_distinct_rows_each_with_its_probability()
         assert torch.equal(weight.sum(0), torch.ones(2))  # the nonzero ones at their own weight, the fill at 0
 
 
+@pytest.mark.parametrize("arch", DREG_ARCHS)
+def test_samples_from_noise_are_rsamples_and_a_subset_of_the_noise_gives_that_subset(arch):
+    """draw_noise + from_noise give what rsample gives for one seed, and what torch.distributions
+    gives part by part; a subset of the noise gives the same samples, with a graph to both parts of q."""
+    from vaekit.distributions import GaussianChain, draw_noise, from_noise
+
+    torch.manual_seed(0)
+    model = tiny(**DREG_ARCHS[arch])
+    q = model.encode(torch.rand(4, 1, 4, 5).bernoulli())
+    k = 6
+    torch.manual_seed(1)
+    z = from_noise(q, draw_noise(q, (k,)))
+    torch.manual_seed(1)
+    if isinstance(q, GaussianChain):
+        a = q.first.rsample((k,))
+        reference = torch.cat([a, q.second(a).rsample()], -1)
+    else:
+        reference = q.rsample((k,))
+    assert z.shape == (k, 4, model.latent_dim) and torch.equal(z, reference)
+    torch.manual_seed(1)
+    assert torch.equal(q.rsample((k,)), z)
+
+    torch.manual_seed(1)
+    eps = draw_noise(q, (k,))
+    picked = torch.tensor([[5, 0, 2, 2], [1, 3, 0, 4]])  # (2, B): two samples of each example
+    sub = from_noise(q, eps.gather(0, picked.unsqueeze(-1).expand(-1, -1, eps.shape[-1])))
+    torch.testing.assert_close(sub, z.detach().gather(0, picked.unsqueeze(-1).expand(-1, -1, z.shape[-1])))
+    sub.sum().backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    encoder = {n for n, _ in model.named_parameters() if n.startswith(("encoder", "q_z"))}
+    assert reached == encoder
+    with pytest.raises(ConfigError, match="diagonal Gaussian"):
+        draw_noise(Independent(Bernoulli(logits=torch.zeros(3, 2)), 1))
+
+
 @pytest.mark.parametrize("beta", [1.0, 0.3])
 @pytest.mark.parametrize("arch", DREG_ARCHS)
 def test_sparse_iwae_keeps_the_loss_and_the_expected_gradient(arch, beta):
     """grad_samples = 2 of k = 8 (a quarter of the backward pass): for the same draw of z, the
     loss is the full −L_k and the gradient averaged over 600 draws of the subset is DReG's full
     gradient, within Monte Carlo error, for encoder and decoder alike."""
-    from vaekit.objectives import dreg_terms, sparse_iwae
+    from vaekit.distributions import draw_noise
+    from vaekit.objectives import dreg_terms, noise_terms, sparse_iwae
 
     torch.manual_seed(0)
     model = tiny(**DREG_ARCHS[arch])
@@ -407,9 +443,10 @@ def test_sparse_iwae_keeps_the_loss_and_the_expected_gradient(arch, beta):
     def sparse(seed):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(0)
-        z = model.encode(x).rsample((k,))  # the same z every time
+        q = model.encode(x)
+        eps = draw_noise(q, (k,))  # the same z every time
         torch.manual_seed(seed)  # a new subset
-        return sparse_iwae(model, x, None, z, beta, 2, dreg_terms)
+        return sparse_iwae(model, x, None, q, eps, beta, 2, dreg_terms, noise_terms)
 
     # the full DReG gradient for this z, through iwae itself (same seed, so the same z)
     model.zero_grad(set_to_none=True)

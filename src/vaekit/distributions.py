@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch.distributions import Distribution, Independent, Normal, constraints
 
+from vaekit.errors import ConfigError
+
 Conditional = Callable[[torch.Tensor], Distribution]
 
 
@@ -46,10 +48,17 @@ class GaussianChain(Distribution):
         return torch.cat([a, b] if self.order == "ab" else [b, a], dim=-1)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        a = self.first.rsample(sample_shape)
+        return self.from_noise(draw_noise(self, sample_shape))
+
+    def from_noise(self, eps: torch.Tensor) -> torch.Tensor:
+        """The sample whose standard-normal noise is eps (…, d_a + d_b), laid out as z is: a from
+        its share of eps, then b from q(b|a) and its share. Reparameterized: the graph reaches
+        the parameters of both parts."""
+        eps_a, eps_b = self._split(eps)
+        a = from_noise(self.first, eps_a)
         cond = self.second(a)
-        z = self._join(a, cond.rsample())
-        self._cache = (z, a, cond)  # log_prob(z) right after rsample reuses the conditional
+        z = self._join(a, from_noise(cond, eps_b))
+        self._cache = (z, a, cond)  # log_prob(z) right after this reuses the conditional
         return z
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
@@ -78,6 +87,39 @@ class GaussianChain(Distribution):
         """A plug-in summary, not the exact mean: [E a, E(b | a = E a)]."""
         a = self.first.mean
         return self._join(a, self.second(a).mean)
+
+
+def draw_noise(d: Distribution, sample_shape=torch.Size()) -> torch.Tensor:
+    """ε ~ N(0, I) shaped like d.rsample(sample_shape), for from_noise(d, ε): what rsample draws,
+    in the same order (a chain's first part, then its second), so one seed gives the same z.
+    For a diagonal Gaussian or a GaussianChain of them; anything else raises ConfigError."""
+    shape = torch.Size(sample_shape) + d.batch_shape
+    if isinstance(d, GaussianChain):
+        first = draw_noise(d.first, sample_shape)
+        second = torch.randn(shape + (d.d_second,), dtype=first.dtype, device=first.device)
+        return d._join(first, second)
+    base = _diag_normal_base(d)
+    return torch.randn(shape + d.event_shape, dtype=base.loc.dtype, device=base.loc.device)
+
+
+def from_noise(d: Distribution, eps: torch.Tensor) -> torch.Tensor:
+    """The reparameterized sample of d whose standard-normal noise is eps: μ + σ·ε for a diagonal
+    Gaussian (Normal.rsample's formula), GaussianChain.from_noise for a chain. eps may have
+    leading sample dimensions, and need not be one draw_noise gave: a subset of one gives the
+    same samples, each with its graph, at the cost of that subset only."""
+    if isinstance(d, GaussianChain):
+        return d.from_noise(eps)
+    base = _diag_normal_base(d)
+    return base.loc + eps * base.scale
+
+
+def _diag_normal_base(d: Distribution) -> Normal:
+    if isinstance(d, Normal):
+        return d
+    if isinstance(d, Independent) and type(d.base_dist) is Normal:
+        return d.base_dist
+    raise ConfigError(f"sampling from given noise needs a diagonal Gaussian or a GaussianChain of them, "
+                      f"not {type(d).__name__}; train this model without grad_samples.")
 
 
 def detached_normal(d: Distribution) -> Independent | None:

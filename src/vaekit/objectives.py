@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from vaekit.distributions import GaussianChain, detached_normal
+from vaekit.distributions import GaussianChain, detached_normal, draw_noise, from_noise
 from vaekit.errors import ConfigError
 
 
@@ -135,7 +135,7 @@ class IwaeParts(NamedTuple):
 
 def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
          beta: float | torch.Tensor = 1.0, dreg: bool = False, terms: Callable | None = None,
-         grad_samples: int = 0) -> IwaeParts:
+         grad_samples: int = 0, all_terms: Callable | None = None) -> IwaeParts:
     """The IWAE objective with k samples; distortion + rate is the k-sample average ELBO (≥ −L_k).
 
     beta ≠ 1 weights log p(z) − log q(z|x) inside each log-weight, as β weights the KL in the
@@ -157,12 +157,14 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
 
     grad_samples (with dreg; 0: all): backpropagate through this many of each example's k
     samples, drawn by their weights, not all of them; see sparse_iwae. ``loss`` keeps its value.
+    all_terms: what computes noise_terms for it (the default), e.g. torch.compile(noise_terms).
     """
     q = encode(model, x, y)
+    if dreg and 0 < grad_samples < k and torch.is_grad_enabled():
+        return sparse_iwae(model, x, y, q, draw_noise(q, (k,)), beta, grad_samples, terms or dreg_terms,
+                           all_terms or noise_terms)
     z = q.rsample((k,))  # (k, B, D)
     dreg = dreg and z.requires_grad
-    if dreg and 0 < grad_samples < k:
-        return sparse_iwae(model, x, y, z, beta, grad_samples, terms or dreg_terms)
     if dreg:
         log_px_z, log_ratio = (terms or dreg_terms)(model, x, y, z)
     else:
@@ -182,33 +184,46 @@ def _dreg_reweight(z: torch.Tensor, w: torch.Tensor, beta: float | torch.Tensor)
     z.register_hook(lambda g: g * scale)
 
 
-def sparse_iwae(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor, beta: float | torch.Tensor,
-                m: int, terms: Callable) -> IwaeParts:
-    """iwae with dreg whose backward pass runs through m of each example's k samples z.
+def sparse_iwae(model, x: torch.Tensor, y: torch.Tensor | None, q: Distribution, eps: torch.Tensor,
+                beta: float | torch.Tensor, m: int, terms: Callable, all_terms: Callable) -> IwaeParts:
+    """iwae with dreg whose backward pass runs through m of each example's k samples, those of
+    the standard-normal noise eps (k, B, D) under q = q(z|x) (vaekit.distributions.from_noise).
 
     The gradient of L_k is Σ_i w̃_i ∇ log w_i (the encoder's share reweighted by DReG), and
     the normalised weights w̃ of a trained model are very uneven: a few samples carry nearly
     all of it. So all k log-weights of an example are computed without a graph (the forward
-    pass, which the bound's value needs anyway), and the backward pass runs through m of
-    them only, drawn without replacement with inclusion probability π_i = min(1, w̃_i/τ),
-    τ set so that Σ_i π_i = m (every sample with w̃_i ≥ τ is certain to be in). Each drawn
-    sample is weighted by w̃_i/π_i (Horvitz & Thompson 1952), so the gradient is unbiased:
-    its expectation over the draw is the full gradient, for these z. The loss value is the
-    full −L_k. The decoder's forward pass stays at k samples an example; the backward pass,
-    which costs about twice as much, and the forward pass it needs shrink to m.
+    pass, which the bound's value needs anyway; all_terms, from the noise), and the backward
+    pass runs through m of them only, drawn without replacement with inclusion probability
+    π_i = min(1, w̃_i/τ), τ set so that Σ_i π_i = m (every sample with w̃_i ≥ τ is certain to
+    be in). Each drawn sample is weighted by w̃_i/π_i (Horvitz & Thompson 1952), so the
+    gradient is unbiased: its expectation over the draw is the full gradient, for these z.
+    The loss value is the full −L_k. Only the drawn samples are made again with a graph, from
+    their noise, so everything that needs a backward pass (sampling, q(z2|z1) of a two-layer
+    q, the decoder) runs on m samples an example, not k.
     """
-    k = z.shape[0]
+    k = eps.shape[0]
     with torch.no_grad():
-        log_px_z, log_ratio = terms(model, x, y, z.detach())  # (k, B) each, no graph
+        log_px_z, log_ratio = all_terms(model, x, y, eps)  # (k, B) each, no graph
     log_w = log_px_z + beta * log_ratio
     w = torch.softmax(log_w, dim=0)
     picked, ht = horvitz_thompson_draw(w, m)  # (m, B) each
-    z_sel = z.gather(0, picked.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (m, B, D), on z's graph
-    lp, lr = terms(model, x, y, z_sel)
-    _dreg_reweight(z_sel, w.gather(0, picked), beta)
+    z = from_noise(q, eps.gather(0, picked.unsqueeze(-1).expand(-1, -1, eps.shape[-1])))  # (m, B, D), with a graph
+    lp, lr = terms(model, x, y, z)
+    if z.requires_grad:  # not for a model whose parameters are all frozen
+        _dreg_reweight(z, w.gather(0, picked), beta)
     surrogate = -(ht * (lp + beta * lr)).sum(0)  # (B,)
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
     return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound + (surrogate - surrogate.detach()))
+
+
+def noise_terms(model, x: torch.Tensor, y: torch.Tensor | None,
+                eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x|z) and log p(z) − log q(z|x), each (k, B), at the samples z of q(z|x) whose noise is
+    eps (k, B, D): sparse_iwae's forward pass over all k samples, which `--compile` compiles.
+    For use without a graph (it does not hold q's parameters fixed)."""
+    q = encode(model, x, y)
+    z = from_noise(q, eps)
+    return decode(model, z, y).log_prob(x), model.prior().log_prob(z) - q.log_prob(z)
 
 
 def horvitz_thompson_draw(w: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:

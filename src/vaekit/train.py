@@ -33,7 +33,7 @@ from vaekit.cpu import flush_denormals, keep_freed_memory
 from vaekit.data import Dataset, Splits, binarize, binarize_u8
 from vaekit.errors import DataError, RunError
 from vaekit.models.common import fit_output_bias_
-from vaekit.objectives import dreg_terms, elbo, iwae, norm_penalty
+from vaekit.objectives import dreg_terms, elbo, iwae, noise_terms, norm_penalty
 
 MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row before training gives up
 BAR_EVERY = 25  # steps between progress-bar refreshes (each refresh reads the device)
@@ -389,8 +389,8 @@ def loss_parts(model, x: torch.Tensor, y: torch.Tensor | None, beta: float | tor
 
 
 def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfig, autocast) -> Callable | None:
-    """torch.compile(loss_parts) (with dreg: iwae with torch.compile(dreg_terms)), or None after saying why
-    it cannot be used here.
+    """torch.compile(loss_parts) (with dreg: iwae with torch.compile(dreg_terms) and of noise_terms), or
+    None after saying why it cannot be used here.
 
     Compiles by running one forward and backward on the batch x (random state forked, gradients
     dropped after), so a missing compiler or an unsupported op shows now, not mid-epoch.
@@ -400,11 +400,14 @@ def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfi
     try:
         if tc.dreg:
             # DReG sets a gradient hook on z, which a compiled graph does not apply as eager does
-            # (measured): the decoder and log q are compiled, z and its hook stay eager.
+            # (measured): the decoder and log q are compiled, z and its hook stay eager. With
+            # grad_samples, so is the forward pass over all k samples, which has no graph.
             terms = torch.compile(dreg_terms, dynamic=False)
+            all_terms = torch.compile(noise_terms, dynamic=False)
 
             def fn(model, x, y, beta, tc):
-                return iwae(model, x, tc.k, y, beta=beta, dreg=True, terms=terms, grad_samples=tc.grad_samples)
+                return iwae(model, x, tc.k, y, beta=beta, dreg=True, terms=terms, grad_samples=tc.grad_samples,
+                            all_terms=all_terms)
         else:
             fn = torch.compile(loss_parts, dynamic=False)
         with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device]), autocast:
