@@ -393,8 +393,9 @@ def test_horvitz_thompson_draw_takes_m_distinct_rows_each_with_its_probability()
 
 @pytest.mark.parametrize("arch", DREG_ARCHS)
 def test_samples_from_noise_are_rsamples_and_a_subset_of_the_noise_gives_that_subset(arch):
-    """draw_noise + from_noise give what rsample gives for one seed, and what torch.distributions
-    gives part by part; a subset of the noise gives the same samples, with a graph to both parts of q."""
+    """draw_noise + from_noise give, for one seed, what torch.distributions gives part by part
+    (q(z1|x), then q(z2|z1); for the prior p(z2), then p(z1|z2)); a subset of the noise gives
+    the same samples with the same gradients as picking them from those."""
     from vaekit.distributions import GaussianChain, draw_noise, from_noise
 
     torch.manual_seed(0)
@@ -402,28 +403,63 @@ def test_samples_from_noise_are_rsamples_and_a_subset_of_the_noise_gives_that_su
     q = model.encode(torch.rand(4, 1, 4, 5).bernoulli())
     k = 6
     torch.manual_seed(1)
-    z = from_noise(q, draw_noise(q, (k,)))
+    eps = draw_noise(q, (k,))
+    z = from_noise(q, eps)
     torch.manual_seed(1)
     if isinstance(q, GaussianChain):
         a = q.first.rsample((k,))
         reference = torch.cat([a, q.second(a).rsample()], -1)
     else:
-        reference = q.rsample((k,))
+        reference = q.base_dist.rsample((k,))
     assert z.shape == (k, 4, model.latent_dim) and torch.equal(z, reference)
-    torch.manual_seed(1)
-    assert torch.equal(q.rsample((k,)), z)
 
-    torch.manual_seed(1)
-    eps = draw_noise(q, (k,))
-    picked = torch.tensor([[5, 0, 2, 2], [1, 3, 0, 4]])  # (2, B): two samples of each example
-    sub = from_noise(q, eps.gather(0, picked.unsqueeze(-1).expand(-1, -1, eps.shape[-1])))
-    torch.testing.assert_close(sub, z.detach().gather(0, picked.unsqueeze(-1).expand(-1, -1, z.shape[-1])))
-    sub.sum().backward()
-    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    encoder = {n for n, _ in model.named_parameters() if n.startswith(("encoder", "q_z"))}
-    assert reached == encoder
+    picked = torch.tensor([[5, 0, 2, 2], [1, 3, 0, 4]]).unsqueeze(-1)  # (2, B, 1): two samples of each example
+    coef = torch.randn(2, 4, model.latent_dim)  # a loss that weighs every coordinate differently
+
+    def grads(sample):
+        model.zero_grad(set_to_none=True)
+        (coef * sample).sum().backward(retain_graph=True)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    sub = from_noise(q, eps.gather(0, picked.expand(-1, -1, eps.shape[-1])))
+    picked_ref = reference.gather(0, picked.expand(-1, -1, reference.shape[-1]))
+    torch.testing.assert_close(sub, picked_ref)
+    got, want = grads(sub), grads(picked_ref)
+    assert got.keys() == want.keys() == {n for n, _ in model.named_parameters() if n.startswith(("encoder", "q_z"))}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+
+    prior = model.prior()
+    if isinstance(prior, GaussianChain):  # z = [z1, z2], z2 drawn first
+        torch.manual_seed(2)
+        drawn = prior.sample((k,))
+        torch.manual_seed(2)
+        z2 = prior.first.sample((k,))
+        torch.testing.assert_close(drawn, torch.cat([prior.second(z2).sample(), z2], -1))
     with pytest.raises(ConfigError, match="diagonal Gaussian"):
         draw_noise(Independent(Bernoulli(logits=torch.zeros(3, 2)), 1))
+
+
+def test_grad_samples_with_a_frozen_encoder_trains_the_decoder_exactly():
+    """With q's parameters frozen no graph reaches z, so DReG and its thinning do not apply: the
+    decoder gets the plain IWAE gradient over all k samples, as without grad_samples."""
+    torch.manual_seed(0)
+    model = tiny()
+    x = torch.rand(3, 1, 4, 5).bernoulli()
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+
+    def run(**kw):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        parts = iwae(model, x, 6, dreg=True, **kw)
+        parts.loss.sum().backward()
+        return parts.loss.detach(), [p.grad for p in model.decoder.parameters()]
+
+    (loss, grads), (loss_thin, grads_thin) = run(), run(grad_samples=2)
+    assert torch.equal(loss, loss_thin)
+    for g, g_thin in zip(grads, grads_thin):
+        assert g is not None and torch.equal(g, g_thin)
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.3])

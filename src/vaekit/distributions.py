@@ -90,8 +90,9 @@ class GaussianChain(Distribution):
 
 
 def draw_noise(d: Distribution, sample_shape=torch.Size()) -> torch.Tensor:
-    """ε ~ N(0, I) shaped like d.rsample(sample_shape), for from_noise(d, ε): what rsample draws,
-    in the same order (a chain's first part, then its second), so one seed gives the same z.
+    """ε ~ N(0, I) shaped like d.rsample(sample_shape), for from_noise(d, ε): what Normal.rsample
+    draws, in the order a chain samples (its first part, then its second), so in eager mode one
+    seed gives the z it gave before these helpers existed (our conditionals draw no random numbers).
     For a diagonal Gaussian or a GaussianChain of them; anything else raises ConfigError."""
     shape = torch.Size(sample_shape) + d.batch_shape
     if isinstance(d, GaussianChain):
@@ -106,20 +107,28 @@ def from_noise(d: Distribution, eps: torch.Tensor) -> torch.Tensor:
     """The reparameterized sample of d whose standard-normal noise is eps: μ + σ·ε for a diagonal
     Gaussian (Normal.rsample's formula), GaussianChain.from_noise for a chain. eps may have
     leading sample dimensions, and need not be one draw_noise gave: a subset of one gives the
-    same samples, each with its graph, at the cost of that subset only."""
+    same samples (to float rounding for a chain, whose second network then runs on another
+    batch), each with its graph, at the cost of that subset only."""
     if isinstance(d, GaussianChain):
         return d.from_noise(eps)
     base = _diag_normal_base(d)
     return base.loc + eps * base.scale
 
 
+def has_graph(d: Distribution) -> bool:
+    """Whether samples of d (a diagonal Gaussian or a GaussianChain of them) would get a graph:
+    autograd is on and the parameters of d's (first) Gaussian have one."""
+    base = _diag_normal_base(d.first if isinstance(d, GaussianChain) else d)
+    return torch.is_grad_enabled() and (base.loc.requires_grad or base.scale.requires_grad)
+
+
 def _diag_normal_base(d: Distribution) -> Normal:
-    if isinstance(d, Normal):
+    if type(d) is Normal:
         return d
     if isinstance(d, Independent) and type(d.base_dist) is Normal:
         return d.base_dist
-    raise ConfigError(f"sampling from given noise needs a diagonal Gaussian or a GaussianChain of them, "
-                      f"not {type(d).__name__}; train this model without grad_samples.")
+    raise ConfigError(f"sampling from given noise (GaussianChain, iwae's grad_samples) needs a diagonal Gaussian "
+                      f"or a GaussianChain of them, not {type(d).__name__}.")
 
 
 def detached_normal(d: Distribution) -> Independent | None:

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from vaekit.distributions import GaussianChain, detached_normal, draw_noise, from_noise
+from vaekit.distributions import GaussianChain, detached_normal, draw_noise, from_noise, has_graph
 from vaekit.errors import ConfigError
 
 
@@ -150,17 +150,20 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     variance: the plain IWAE encoder gradient gets noisier as k grows (Rainforth et al. 2018).
     The decoder's gradient is unchanged. The hook is on z, so it shapes the gradient of whatever
     is backpropagated from this call: backpropagate ``loss`` only (training does). The encoder
-    is run a second time for log q, so it must be deterministic (no dropout; none of ours has it).
+    is run again for log q (and with grad_samples once more for the forward pass over all k),
+    so it must be deterministic (no dropout; none of ours has it).
 
     terms: what computes dreg_terms (the default), e.g. torch.compile(dreg_terms), which is how
     `--compile` trains with dreg: the hook stays on z, outside the compiled graph.
 
-    grad_samples (with dreg; 0: all): backpropagate through this many of each example's k
-    samples, drawn by their weights, not all of them; see sparse_iwae. ``loss`` keeps its value.
-    all_terms: what computes noise_terms for it (the default), e.g. torch.compile(noise_terms).
+    grad_samples (with dreg, when q has a graph; 0: all): backpropagate through this many of
+    each example's k samples, drawn by their weights, not all of them; see sparse_iwae.
+    ``loss`` keeps its value. q must then be a diagonal Gaussian or a GaussianChain of them.
+    terms then computes the drawn samples' terms only; all_terms computes the forward pass
+    over all k: noise_terms (the default), or e.g. torch.compile(noise_terms).
     """
     q = encode(model, x, y)
-    if dreg and 0 < grad_samples < k and torch.is_grad_enabled():
+    if dreg and 0 < grad_samples < k and has_graph(q):
         return sparse_iwae(model, x, y, q, draw_noise(q, (k,)), beta, grad_samples, terms or dreg_terms,
                            all_terms or noise_terms)
     z = q.rsample((k,))  # (k, B, D)
@@ -209,7 +212,7 @@ def sparse_iwae(model, x: torch.Tensor, y: torch.Tensor | None, q: Distribution,
     picked, ht = horvitz_thompson_draw(w, m)  # (m, B) each
     z = from_noise(q, eps.gather(0, picked.unsqueeze(-1).expand(-1, -1, eps.shape[-1])))  # (m, B, D), with a graph
     lp, lr = terms(model, x, y, z)
-    if z.requires_grad:  # not for a model whose parameters are all frozen
+    if z.requires_grad:  # no graph reaches z when q's parameters are all frozen
         _dreg_reweight(z, w.gather(0, picked), beta)
     surrogate = -(ht * (lp + beta * lr)).sum(0)  # (B,)
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)

@@ -388,12 +388,14 @@ def loss_parts(model, x: torch.Tensor, y: torch.Tensor | None, beta: float | tor
     return elbo(model, x, beta=beta, free_bits=tc.free_bits, k=tc.k, y=y)
 
 
-def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfig, autocast) -> Callable | None:
-    """torch.compile(loss_parts) (with dreg: iwae with torch.compile(dreg_terms) and of noise_terms), or
-    None after saying why it cannot be used here.
+def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfig, autocast,
+                  then: TrainConfig | None = None) -> Callable | None:
+    """torch.compile(loss_parts) (with dreg: iwae with torch.compile(dreg_terms) and torch.compile(noise_terms)),
+    or None after saying why it cannot be used here.
 
     Compiles by running one forward and backward on the batch x (random state forked, gradients
-    dropped after), so a missing compiler or an unsupported op shows now, not mid-epoch.
+    dropped after), so a missing compiler or an unsupported op shows now, not mid-epoch; with
+    ``then`` (the config of later epochs, after a cheap start), once more with that config.
     β goes in as a tensor, so KL warm-up does not recompile every step; shapes are static
     (the epoch's last, smaller batch compiles once more).
     """
@@ -401,7 +403,7 @@ def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfi
         if tc.dreg:
             # DReG sets a gradient hook on z, which a compiled graph does not apply as eager does
             # (measured): the decoder and log q are compiled, z and its hook stay eager. With
-            # grad_samples, so is the forward pass over all k samples, which has no graph.
+            # grad_samples the forward pass over all k samples is compiled too (noise_terms).
             terms = torch.compile(dreg_terms, dynamic=False)
             all_terms = torch.compile(noise_terms, dynamic=False)
 
@@ -411,7 +413,8 @@ def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfi
         else:
             fn = torch.compile(loss_parts, dynamic=False)
         with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device]), autocast:
-            fn(model, x, y, torch.tensor(1.0, device=x.device), tc).loss.mean().backward()
+            for c in (tc,) if then is None else (tc, then):
+                fn(model, x, y, torch.tensor(1.0, device=x.device), c).loss.mean().backward()
     except Exception as e:  # compilers fail in many ways: no C compiler, an op inductor lacks, ...
         warnings.warn(f"--compile: torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "training without it.", stacklevel=2)
@@ -546,7 +549,8 @@ def fit(
             first = config_of_epoch(tc, state["epoch"] + 1)
             probe = data.first(first.batch_size).to(device).float().mul_(data.scale)  # rounded, not sampled: no RNG
             step_loss = compiled_loss(model, probe.round() if data.dynamic else probe,
-                                      None if data.y is None else data.y[: first.batch_size], first, autocast)
+                                      None if data.y is None else data.y[: first.batch_size], first, autocast,
+                                      then=None if first is tc else tc)
         for epoch in range(state["epoch"] + 1, tc.epochs + 1):
             tc_epoch = config_of_epoch(tc, epoch)  # a new k or batch size compiles once more
             batch = tc_epoch.batch_size
