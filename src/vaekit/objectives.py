@@ -171,8 +171,7 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     if dreg:
         log_px_z, log_ratio = (terms or dreg_terms)(model, x, y, z)
     else:
-        log_px_z = decode(model, z, y).log_prob(x)  # (k, B)
-        log_ratio = model.prior().log_prob(z) - q.log_prob(z)  # (k, B): log p(z) − log q(z|x)
+        log_px_z, log_ratio = _terms(model, x, y, q, z)
     log_w = log_px_z + beta * log_ratio  # 1.0 · r is r, bit for bit
     if dreg:
         _dreg_reweight(z, torch.softmax(log_w.detach(), dim=0), beta)  # w̃ (k, B), the normalised weights
@@ -225,7 +224,12 @@ def noise_terms(model, x: torch.Tensor, y: torch.Tensor | None,
     eps (k, B, D): sparse_iwae's forward pass over all k samples, which `--compile` compiles.
     For use without a graph (it does not hold q's parameters fixed)."""
     q = encode(model, x, y)
-    z = from_noise(q, eps)
+    return _terms(model, x, y, q, from_noise(q, eps))
+
+
+def _terms(model, x: torch.Tensor, y: torch.Tensor | None, q: Distribution,
+           z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x|z) and log p(z) − log q(z|x) at z (k, B, D), each (k, B), with q as it is (its parameters live)."""
     return decode(model, z, y).log_prob(x), model.prior().log_prob(z) - q.log_prob(z)
 
 
