@@ -109,6 +109,61 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, npz, caps
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
 
 
+def test_bad_options_of_the_commands_on_a_run_exit_2_and_write_nothing(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    out = tmp_path / "out"
+    cases = [
+        (["eval", str(run), "--device", "tpu"], ["--device", "tpu"]),
+        (["reconstruct", str(run), "--split", "bogus", "--out", f"{out}/r.png"], ["--split", "bogus"]),
+        (["reconstruct", str(run), "--n", "0", "--out", f"{out}/r.png"], ["--n", "got 0"]),
+        (["reconstruct", str(run), "--n", "100000", "--out", f"{out}/r.png"], ["--n", "256"]),
+        (["sample", str(run), "--n", "-5", "--out", f"{out}/s.png"], ["--n", "got -5"]),
+        (["sample", str(run), "--out", f"{out}/s.jpg"], ["--out", ".png"]),
+        (["compare", str(run), str(run), "--n", "0", "--out", str(out)], ["--n"]),
+        (["encode", str(run), "--split", "valid", "--out", f"{out}/codes.txt"], ["--out", ".npz"]),
+        (["interpolate", str(run), "0", "30", "--split", "valid", "--out", f"{out}/i.png"], ["30", "0 to 29"]),
+        (["interpolate", str(run), "0", "1", "--split", "valid", "--steps", "1", "--out", f"{out}/i.png"],
+         ["--steps"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["eval", str(run), "--device", "cuda"], ["CUDA", "--device cpu"]))
+    for args, words in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err, args
+        assert all(w in err for w in words), (args, err)
+    assert not out.exists()
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # the run is untouched
+
+    # a figure into a folder that does not exist yet: the folder is made
+    assert main(["sample", str(run), "--n", "4", "--out", f"{out}/new/s.png"]) == 0
+    assert (out / "new" / "s.png").stat().st_size > 0
+
+
+def test_encode_writes_the_posterior_means_and_labels_and_interpolate_a_figure(tmp_path, npz):
+    from vaekit import generate, runs
+    from vaekit.data import load_splits
+    from vaekit.train import eval_set
+
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    assert main(["encode", str(run), "--split", "valid", "--out", str(tmp_path / "codes.npz")]) == 0
+    codes = np.load(tmp_path / "codes.npz")
+    cfg = runs.load_config(run)
+    valid = load_splits(cfg.data).valid
+    expected = generate.encode_mean(runs.load(run), eval_set(valid, cfg.data))
+    assert codes["z"].shape == (30, 2)
+    np.testing.assert_allclose(codes["z"], expected.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(codes["y"], valid.y.numpy())
+    assert not list(tmp_path.glob(".codes.npz.*"))  # no temp file left beside it
+
+    assert main(["interpolate", str(run), "3", "7", "--split", "valid", "--steps", "6"]) == 0
+    assert (run / "interpolation_3_7.png").stat().st_size > 0
+
+
 def test_out_that_already_holds_a_run_is_refused(tmp_path, npz, capsys):
     run = tmp_path / "run"
     assert main(train_args(run, npz)) == 0

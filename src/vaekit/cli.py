@@ -22,7 +22,8 @@ from vaekit.config import PRESET_SOURCES, PRESETS, Activation, RunConfig, merge,
 from vaekit.errors import ConfigError, DataError, RunError, VaekitError
 
 app = typer.Typer(
-    help="Variational autoencoders: train, sample, evaluate log p(x), plot and compare.",
+    help="Variational autoencoders: train, sample, reconstruct, encode, interpolate, evaluate log p(x), plot "
+    "and compare.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -42,7 +43,26 @@ def _set_threads(threads: Optional[int]) -> None:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got '{name}'.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA device torch can use; use --device cpu "
+                          "(or auto, which picks CUDA when there is one).")
+    return device
+
+
+def _progress(flag: Optional[bool]) -> bool:
+    """--progress/--no-progress, or when neither is given: bars only when stderr is a terminal."""
+    return sys.stderr.isatty() if flag is None else flag
+
+
+def _check_count(n: int, most: int, what: str) -> None:
+    if not 1 <= n <= most:
+        raise ConfigError(f"--n must be between 1 and {most}; got {n}. ({most} is the most {what}.)")
 
 
 def _parse_hidden(text: str) -> list[int]:
@@ -114,8 +134,22 @@ def _prepare_out(out: Path, resume: bool) -> None:
 
 
 def _save_figures(run: Path, figs: dict) -> None:
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot make the folder {run} for the figures: {e.strerror}.") from None
     for name, fig in figs.items():
         runs.atomic_write(run / name, lambda p, fig=fig: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+
+
+def _figure_path(out: Optional[Path], default: Path) -> Path:
+    """Where a command's --out figure goes: a .png (its folder is made when the figure is written)."""
+    path = Path(out) if out is not None else default
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--out must name a .png file (vaekit writes PNG figures); got '{path}'.")
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; give a file name ending in .png.")
+    return path
 
 
 def finish_run(run: Path, *, progress: bool = True) -> dict:
@@ -205,10 +239,13 @@ def train(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's "
                                           "choice, the physical cores)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", show_default=False,
+                                            help="Show progress bars (default: when stderr is a terminal)."),
 ) -> None:
     """Train a VAE and write a run directory with weights, metrics, figures and a report."""
     _set_threads(threads)
+    progress = _progress(progress)
+    dev = _device(device)
     from vaekit.data import check_unit_range, load_splits
     from vaekit.models import build
     from vaekit.train import fit, labels_for
@@ -287,7 +324,7 @@ def train(
         cfg = cfg.replace(model={"n_classes": max(2, int(splits.train.y.max()) + 1)})
     for ds in (splits.train, splits.valid):
         labels_for(ds, cfg.model)  # a conditional model: labels present and in range, before anything is written
-    model = build(cfg.model, seed=cfg.train.seed).to(_device(device))
+    model = build(cfg.model, seed=cfg.train.seed).to(dev)
     has_checkpoint = (out / "state.safetensors").is_file()
     if resume and not has_checkpoint:
         typer.echo(f"{out} has no checkpoint yet (it stopped before writing its first one); training it again "
@@ -312,11 +349,12 @@ def train(
 
 
 # ----------------------------------------------------------------------------- use a run
-def _eval_images(run: Path, split: str, limit: Optional[int] = None):
-    """(config, images, labels) of a run's split; labels only for a conditional model."""
+def _split(run: Path, split: str, limit: Optional[int] = None):
+    """(config, data set) of a split of a run's data ("auto": test if there is one, else valid)."""
     from vaekit.data import load_splits
-    from vaekit.train import eval_set, labels_for
 
+    if split not in ("auto", "train", "valid", "test"):
+        raise ConfigError(f"--split must be train, valid or test; got '{split}'.")
     cfg = runs.load_config(run)
     splits = load_splits(cfg.data)
     if split == "auto":
@@ -326,6 +364,14 @@ def _eval_images(run: Path, split: str, limit: Optional[int] = None):
         raise VaekitError(f"this data set has no {split} split; use --split valid.")
     if limit is not None:
         ds = ds.take(slice(0, limit))
+    return cfg, ds
+
+
+def _eval_images(run: Path, split: str, limit: Optional[int] = None):
+    """(config, images, labels) of a run's split, binarized as evaluation does; labels only for a conditional model."""
+    from vaekit.train import eval_set, labels_for
+
+    cfg, ds = _split(run, split, limit)
     return cfg, eval_set(ds, cfg.data), labels_for(ds, cfg.model)
 
 
@@ -341,9 +387,10 @@ def sample(
     """Decode z ~ N(0, I) into a grid of images."""
     from vaekit import generate, plots
 
+    _check_count(n, 1024, "images a readable grid holds")
     model = runs.load(run)
+    path = _figure_path(out, Path(run) / "samples.png")
     imgs = generate.sample(model, n, seed=seed, label=label)
-    path = out or Path(run) / "samples.png"
     _save_figures(path.parent, {path.name: plots.samples(imgs)})
     typer.echo(str(path))
 
@@ -358,10 +405,74 @@ def reconstruct(
     """Show images above their reconstructions."""
     from vaekit import generate, plots
 
+    _check_count(n, 256, "pairs a readable figure holds")
     model = runs.load(run)
+    path = _figure_path(out, Path(run) / "reconstructions.png")
     _, x, y = _eval_images(run, split, limit=n)
-    path = out or Path(run) / "reconstructions.png"
     _save_figures(path.parent, {path.name: plots.reconstructions(x, generate.reconstruct(model, x, y))})
+    typer.echo(str(path))
+
+
+@app.command()
+def encode(
+    run: Path = typer.Argument(..., help="Run directory."),
+    split: str = typer.Option("test", "--split", help="train, valid or test: the images of the run's data to encode."),
+    out: Optional[Path] = typer.Option(None, "--out", help=".npz to write (default RUN/codes_<split>.npz)."),
+) -> None:
+    """Encode a split of the run's data to the posterior means E_q[z|x], written as an .npz.
+
+    The file holds `z` (N, latent size) and, when the data has labels, `y` (N,), in the data's order;
+    load it with numpy.load. Images are binarized as the run's evaluation binarizes them.
+    """
+    import numpy as np
+
+    from vaekit import generate
+
+    model = runs.load(run)
+    path = Path(out) if out is not None else Path(run) / f"codes_{split}.npz"
+    if path.suffix.lower() != ".npz" or path.is_dir():
+        raise ConfigError(f"--out must name a .npz file; got '{path}'.")
+    from vaekit.train import eval_set, labels_for
+
+    cfg, ds = _split(run, split)
+    z = generate.encode_mean(model, eval_set(ds, cfg.data), y=labels_for(ds, cfg.model)).numpy()
+    arrays = {"z": z} if ds.y is None else {"z": z, "y": ds.y.numpy()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    runs.atomic_write(path, write)
+    typer.echo(f"{path}: z {z.shape[0]} × {z.shape[1]}" + ("" if ds.y is None else ", y"))
+
+
+@app.command()
+def interpolate(
+    run: Path = typer.Argument(..., help="Run directory."),
+    a: int = typer.Argument(..., help="Index of the first image in the split."),
+    b: int = typer.Argument(..., help="Index of the second image in the split."),
+    split: str = typer.Option("test", "--split", help="train, valid or test."),
+    steps: int = typer.Option(10, "--steps", help="Points on the line, ends included."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/interpolation_A_B.png)."),
+) -> None:
+    """Decode the straight line between the posterior means of two images of the run's data."""
+    from vaekit import generate, plots
+
+    if not 2 <= steps <= 100:
+        raise ConfigError(f"--steps must be between 2 and 100; got {steps}.")
+    model = runs.load(run)
+    path = _figure_path(out, Path(run) / f"interpolation_{a}_{b}.png")
+    _, x, y = _eval_images(run, split)
+    for name, i in (("A", a), ("B", b)):
+        if not 0 <= i < len(x):
+            raise ConfigError(f"image {name} = {i} is out of range: the {split} split has {len(x)} images "
+                              f"(0 to {len(x) - 1}).")
+    pick = torch.tensor([a])
+    strip = generate.interpolate(model, x[pick], x[torch.tensor([b])], steps=steps,
+                                 y_a=None if y is None else y[pick], y_b=None if y is None else y[torch.tensor([b])])
+    title = f"Interpolation between {split} images {a} and {b} (decoded along a line between posterior means)"
+    _save_figures(path.parent, {path.name: plots.interpolations(strip, title=title)})
     typer.echo(str(path))
 
 
@@ -384,13 +495,16 @@ def eval_(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's "
                                           "choice, the physical cores)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", show_default=False,
+                                            help="Show a progress bar (default: when stderr is a terminal)."),
 ) -> None:
     """Estimate log p(x) by importance sampling (q(z|x) as proposal, k samples), plus the ELBO parts, in nats.
 
     The result is also written into the run's summary.json (under "<split>_eval") and report.html.
     """
     _set_threads(threads)
+    progress = _progress(progress)
+    dev = _device(device)
     from vaekit.evaluate import evaluate
 
     if split not in ("valid", "test"):
@@ -398,7 +512,7 @@ def eval_(
     if k < 1 or (limit is not None and limit < 1):
         raise VaekitError("--k and --limit must be at least 1.")
     cfg, x, y = _eval_images(run, split, limit)
-    model = runs.load(run, device=_device(device))
+    model = runs.load(run, device=dev)
     result = evaluate(model, x, y_all=y, k=k, precision=precision, seed=seed, progress=progress)
     chosen_by = f"validation -L_{cfg.train.k}" if cfg.train.objective == "iwae" else "validation ELBO"
     result.update(split=split, binarization=cfg.data.binarize, binarize_seed=cfg.data.binarize_seed, seed=seed,
@@ -434,7 +548,10 @@ def compare(
     """Reconstructions of several runs side by side, with their test ELBO."""
     from vaekit import generate, plots, report
 
+    _check_count(n, 64, "images a readable row holds")
     out = out or Path("compare")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; compare writes compare.png and report.html into a folder.")
     out.mkdir(parents=True, exist_ok=True)
     rows, table = [], []
     x0 = None
