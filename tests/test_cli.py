@@ -125,6 +125,8 @@ def test_bad_options_of_the_commands_on_a_run_exit_2_and_write_nothing(tmp_path,
         (["compare", str(run), str(run), "--n", "0", "--out", str(out)], ["--n"]),
         (["encode", str(run), "--split", "valid", "--out", f"{out}/codes.txt"], ["--out", ".npz"]),
         (["interpolate", str(run), "0", "30", "--split", "valid", "--out", f"{out}/i.png"], ["30", "0 to 29"]),
+        (["interpolate", str(run), "-1", "3", "--split", "valid", "--out", f"{out}/i.png"], ["-1", "0 to 29"]),
+        (["encode", str(run), "--split", "auto", "--out", f"{out}/codes.npz"], ["--split"]),
         (["interpolate", str(run), "0", "1", "--split", "valid", "--steps", "1", "--out", f"{out}/i.png"],
          ["--steps"]),
     ]
@@ -158,10 +160,20 @@ def test_encode_writes_the_posterior_means_and_labels_and_interpolate_a_figure(t
     assert codes["z"].shape == (30, 2)
     np.testing.assert_allclose(codes["z"], expected.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(codes["y"], valid.y.numpy())
-    assert not list(tmp_path.glob(".codes.npz.*"))  # no temp file left beside it
 
     assert main(["interpolate", str(run), "3", "7", "--split", "valid", "--steps", "6"]) == 0
     assert (run / "interpolation_3_7.png").stat().st_size > 0
+
+    # a conditional model: each image is encoded with its own label
+    cvae = tmp_path / "cvae"
+    assert main(train_args(cvae, npz, "--conditional")) == 0
+    assert main(["encode", str(cvae), "--split", "valid"]) == 0
+    z = np.load(cvae / "codes_valid.npz")["z"]
+    model = runs.load(cvae)
+    np.testing.assert_allclose(z, generate.encode_mean(model, eval_set(valid, cfg.data), y=valid.y).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    assert not np.allclose(z, generate.encode_mean(model, eval_set(valid, cfg.data), y=(valid.y + 1) % 3).numpy())
+    assert main(["interpolate", str(cvae), "0", "1", "--split", "valid"]) == 0
 
 
 def test_out_that_already_holds_a_run_is_refused(tmp_path, npz, capsys):

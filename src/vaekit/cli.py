@@ -52,6 +52,9 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: this machine has no CUDA device torch can use; use --device cpu "
                           "(or auto, which picks CUDA when there is one).")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     return device
 
 
@@ -133,11 +136,15 @@ def _prepare_out(out: Path, resume: bool) -> None:
                            "at least 50 MiB for checkpoints and figures. Free some space or choose another --out.")
 
 
-def _save_figures(run: Path, figs: dict) -> None:
+def _make_folder(folder: Path) -> None:
     try:
-        run.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot make the folder {run} for the figures: {e.strerror}.") from None
+        raise ConfigError(f"cannot make the folder {folder}: {e.strerror}.") from None
+
+
+def _save_figures(run: Path, figs: dict) -> None:
+    _make_folder(run)
     for name, fig in figs.items():
         runs.atomic_write(run / name, lambda p, fig=fig: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
 
@@ -349,15 +356,15 @@ def train(
 
 
 # ----------------------------------------------------------------------------- use a run
-def _split(run: Path, split: str, limit: Optional[int] = None):
-    """(config, data set) of a split of a run's data ("auto": test if there is one, else valid)."""
+def _split(run: Path, split: Optional[str], limit: Optional[int] = None):
+    """(config, data set) of a split of a run's data; split None: test if there is one, else valid."""
     from vaekit.data import load_splits
 
-    if split not in ("auto", "train", "valid", "test"):
+    if split is not None and split not in ("train", "valid", "test"):
         raise ConfigError(f"--split must be train, valid or test; got '{split}'.")
     cfg = runs.load_config(run)
     splits = load_splits(cfg.data)
-    if split == "auto":
+    if split is None:
         split = "test" if splits.test is not None else "valid"
     ds = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
     if ds is None:
@@ -367,7 +374,7 @@ def _split(run: Path, split: str, limit: Optional[int] = None):
     return cfg, ds
 
 
-def _eval_images(run: Path, split: str, limit: Optional[int] = None):
+def _eval_images(run: Path, split: Optional[str], limit: Optional[int] = None):
     """(config, images, labels) of a run's split, binarized as evaluation does; labels only for a conditional model."""
     from vaekit.train import eval_set, labels_for
 
@@ -419,25 +426,30 @@ def encode(
     split: str = typer.Option("test", "--split", help="train, valid or test: the images of the run's data to encode."),
     out: Optional[Path] = typer.Option(None, "--out", help=".npz to write (default RUN/codes_<split>.npz)."),
 ) -> None:
-    """Encode a split of the run's data to the posterior means E_q[z|x], written as an .npz.
+    """Encode a split of the run's data to the means of q(z|x), written as an .npz.
 
     The file holds `z` (N, latent size) and, when the data has labels, `y` (N,), in the data's order;
-    load it with numpy.load. Images are binarized as the run's evaluation binarizes them.
+    load it with numpy.load. Images are binarized as the run's evaluation binarizes them (a streamed
+    split, chunk by chunk). For a model with two stochastic layers `z` is [z1, z2] at z1's mean.
     """
     import numpy as np
 
     from vaekit import generate
+    from vaekit.train import eval_set, labels_for
 
     model = runs.load(run)
     path = Path(out) if out is not None else Path(run) / f"codes_{split}.npz"
-    if path.suffix.lower() != ".npz" or path.is_dir():
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; give a file name ending in .npz.")
+    if path.suffix.lower() != ".npz":
         raise ConfigError(f"--out must name a .npz file; got '{path}'.")
-    from vaekit.train import eval_set, labels_for
-
     cfg, ds = _split(run, split)
-    z = generate.encode_mean(model, eval_set(ds, cfg.data), y=labels_for(ds, cfg.model)).numpy()
+    chunk = 10_000 if ds.streamed else max(len(ds), 1)  # a streamed split need not fit in memory at once
+    parts = [ds.take(torch.arange(i, min(i + chunk, len(ds)))) for i in range(0, len(ds), chunk)]
+    z = torch.cat([generate.encode_mean(model, eval_set(part, cfg.data), y=labels_for(part, cfg.model))
+                   for part in parts]).numpy()
     arrays = {"z": z} if ds.y is None else {"z": z, "y": ds.y.numpy()}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path.parent)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -447,7 +459,7 @@ def encode(
     typer.echo(f"{path}: z {z.shape[0]} × {z.shape[1]}" + ("" if ds.y is None else ", y"))
 
 
-@app.command()
+@app.command(context_settings={"ignore_unknown_options": True})  # so that a negative index gets our message
 def interpolate(
     run: Path = typer.Argument(..., help="Run directory."),
     a: int = typer.Argument(..., help="Index of the first image in the split."),
@@ -463,14 +475,17 @@ def interpolate(
         raise ConfigError(f"--steps must be between 2 and 100; got {steps}.")
     model = runs.load(run)
     path = _figure_path(out, Path(run) / f"interpolation_{a}_{b}.png")
-    _, x, y = _eval_images(run, split)
+    from vaekit.train import eval_set, labels_for
+
+    cfg, ds = _split(run, split)
     for name, i in (("A", a), ("B", b)):
-        if not 0 <= i < len(x):
-            raise ConfigError(f"image {name} = {i} is out of range: the {split} split has {len(x)} images "
-                              f"(0 to {len(x) - 1}).")
-    pick = torch.tensor([a])
-    strip = generate.interpolate(model, x[pick], x[torch.tensor([b])], steps=steps,
-                                 y_a=None if y is None else y[pick], y_b=None if y is None else y[torch.tensor([b])])
+        if not 0 <= i < len(ds):
+            raise ConfigError(f"image {name} = {i} is out of range: the {split} split has {len(ds)} images "
+                              f"(0 to {len(ds) - 1}).")
+    pair = ds.take(torch.tensor([a, b]))
+    x, y = eval_set(pair, cfg.data), labels_for(pair, cfg.model)
+    strip = generate.interpolate(model, x[:1], x[1:], steps=steps,
+                                 y_a=None if y is None else y[:1], y_b=None if y is None else y[1:])
     title = f"Interpolation between {split} images {a} and {b} (decoded along a line between posterior means)"
     _save_figures(path.parent, {path.name: plots.interpolations(strip, title=title)})
     typer.echo(str(path))
@@ -552,11 +567,10 @@ def compare(
     out = out or Path("compare")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; compare writes compare.png and report.html into a folder.")
-    out.mkdir(parents=True, exist_ok=True)
     rows, table = [], []
     x0 = None
     for run in run_dirs:
-        cfg, x, y = _eval_images(run, "auto", limit=n)
+        cfg, x, y = _eval_images(run, None, limit=n)
         summary = json.loads((Path(run) / "summary.json").read_text()) if (Path(run) / "summary.json").exists() else {}
         split = "test" if "test" in summary else "valid"
         elbo_value = summary.get(split, {}).get("elbo", float("nan"))
