@@ -176,6 +176,31 @@ def test_encode_writes_the_posterior_means_and_labels_and_interpolate_a_figure(t
     assert main(["interpolate", str(cvae), "0", "1", "--split", "valid"]) == 0
 
 
+def test_a_run_finds_its_data_from_any_folder_and_defaults_to_the_split_it_has(tmp_path, npz, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(train_args("run", npz.name)) == 0  # a relative --data path
+    source = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["source"]
+    assert source == str(npz.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run = str(tmp_path / "run")
+    assert main(["encode", run]) == 0  # this data has no test split: valid is the default
+    assert np.load(tmp_path / "run" / "codes_valid.npz")["z"].shape == (30, 2)
+    assert main(["reconstruct", run, "--out", "r.png"]) == 0 and (elsewhere / "r.png").exists()
+    assert main(["eval", run, "--k", "5", "--limit", "4", "--no-progress"]) == 0
+    assert "valid_eval" in json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def test_a_run_whose_data_moved_says_so(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    npz.rename(tmp_path / "moved.npz")
+    assert main(["reconstruct", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "not found from here" in err and "config.json" in err
+
+
 def test_out_that_already_holds_a_run_is_refused(tmp_path, npz, capsys):
     run = tmp_path / "run"
     assert main(train_args(run, npz)) == 0

@@ -134,3 +134,17 @@ def test_cli_conditional_without_labels_writes_nothing(tmp_path):
     assert main(["train", "--out", str(run), "--data", str(path), "--conditional", "--epochs", "1",
                  "--no-progress"]) == 2
     assert not run.exists()
+
+
+def test_labels_out_of_range_for_a_conditional_model_say_what_to_do():
+    from vaekit.data import Dataset
+    from vaekit.errors import DataError
+    from vaekit.train import labels_for
+
+    cfg = ModelConfig(hidden=(32,), latent_dim=2, n_classes=3, input_shape=SHAPE)
+    x = torch.zeros(4, *SHAPE)
+    with pytest.raises(DataError, match="numbered from 0"):
+        labels_for(Dataset(x, torch.tensor([-1, 0, 1, 0]), "d"), cfg)
+    with pytest.raises(DataError, match="model.n_classes=4"):
+        labels_for(Dataset(x, torch.tensor([0, 3, 1, 0]), "d"), cfg)
+    assert labels_for(Dataset(x, torch.tensor([0, 2, 1, 0]), "d"), cfg).tolist() == [0, 2, 1, 0]

@@ -210,6 +210,34 @@ def test_image_folder_grayscale(tmp_path):
         assert np.array_equal(ds.x[i, 0].numpy(), a)
 
 
+@pytest.mark.parametrize("shape, words", [
+    ((4, 6, 6, 3), ["6 channels", "channels-last", "transpose(0, 3, 1, 2)"]),
+    ((4, 2, 6, 6), ["2 channels", "(N, D)"]),
+])
+def test_arrays_whose_channels_no_figure_can_show_are_refused_with_what_to_do(tmp_path, shape, words):
+    np.save(tmp_path / "a.npy", np.zeros(shape, np.float32))
+    with pytest.raises(DataError) as e:
+        load_path(tmp_path / "a.npy")
+    assert all(w in str(e.value) for w in words), str(e.value)
+    np.save(tmp_path / "ok.npy", np.zeros((4, 3, 6, 6), np.float32))
+    assert load_path(tmp_path / "ok.npy").shape == (3, 6, 6)
+
+
+def test_image_folder_with_images_both_on_top_and_in_class_folders_is_refused(tmp_path):
+    save_png(tmp_path / "imgs" / "top.png", np.zeros((4, 4), np.uint8))
+    save_png(tmp_path / "imgs" / "a" / "1.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match="both at its top level and in subfolders"):
+        load_path(tmp_path / "imgs")
+
+
+def test_image_folder_of_unsupported_files_says_what_it_found(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        (tmp_path / "imgs" / f"{i}.tif").write_bytes(b"II*\x00")
+    with pytest.raises(DataError, match="no PNG/JPEG images among its 3 files"):
+        load_path(tmp_path / "imgs")
+
+
 def test_image_folder_rgb_and_mixed(tmp_path):
     rgb = np.random.default_rng(4).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     gray = np.full((5, 7), 9, np.uint8)

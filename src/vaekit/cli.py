@@ -58,6 +58,13 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _absolute(source: Optional[str]) -> Optional[str]:
+    """A --data path as an absolute path, so that the run finds its data from any folder; names kept."""
+    if source is None or source == "mnist" or not Path(source).expanduser().exists():
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
 def _progress(flag: Optional[bool]) -> bool:
     """--progress/--no-progress, or when neither is given: bars only when stderr is a terminal."""
     return sys.stderr.isatty() if flag is None else flag
@@ -284,7 +291,7 @@ def train(
         flags = {
             "model": {"latent_dim": latent_dim, "activation": activation, "likelihood": likelihood,
                       "hidden": _parse_hidden(hidden) if hidden else None},
-            "data": {"source": data, "binarize": binarize, "subset": subset, "stream": stream},
+            "data": {"source": _absolute(data), "binarize": binarize, "subset": subset, "stream": stream},
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed,
                       "precision": precision, "checkpoint_every": checkpoint_every, "objective": objective,
                       "k": k, "warmup_steps": warmup, "free_bits": free_bits, "lr_schedule": lr_schedule,
@@ -357,12 +364,17 @@ def train(
 
 # ----------------------------------------------------------------------------- use a run
 def _split(run: Path, split: Optional[str], limit: Optional[int] = None):
-    """(config, data set) of a split of a run's data; split None: test if there is one, else valid."""
+    """(config, data set, split name) of a split of a run's data; split None: test if there is one, else valid."""
     from vaekit.data import load_splits
 
     if split is not None and split not in ("train", "valid", "test"):
         raise ConfigError(f"--split must be train, valid or test; got '{split}'.")
     cfg = runs.load_config(run)
+    source = cfg.data.source
+    if source != "mnist" and not Path(source).expanduser().exists():
+        raise ConfigError(f"{run} was trained on '{source}', which is not found from here (a relative path is "
+                          f"relative to the folder the run was trained in); run from there, or set data.source "
+                          f"in {Path(run) / 'config.json'} to the data's path.")
     splits = load_splits(cfg.data)
     if split is None:
         split = "test" if splits.test is not None else "valid"
@@ -371,15 +383,15 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None):
         raise VaekitError(f"this data set has no {split} split; use --split valid.")
     if limit is not None:
         ds = ds.take(slice(0, limit))
-    return cfg, ds
+    return cfg, ds, split
 
 
 def _eval_images(run: Path, split: Optional[str], limit: Optional[int] = None):
-    """(config, images, labels) of a run's split, binarized as evaluation does; labels only for a conditional model."""
+    """(config, images, labels, split name) of a run's split, binarized as evaluation does; labels only for a conditional model."""
     from vaekit.train import eval_set, labels_for
 
-    cfg, ds = _split(run, split, limit)
-    return cfg, eval_set(ds, cfg.data), labels_for(ds, cfg.model)
+    cfg, ds, split = _split(run, split, limit)
+    return cfg, eval_set(ds, cfg.data), labels_for(ds, cfg.model), split
 
 
 @app.command()
@@ -406,7 +418,7 @@ def sample(
 def reconstruct(
     run: Path = typer.Argument(..., help="Run directory."),
     n: int = typer.Option(8, "--n", help="How many images."),
-    split: str = typer.Option("test", "--split", help="train, valid or test."),
+    split: Optional[str] = typer.Option(None, "--split", help="train, valid or test (default: test if the data has one, else valid)."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/reconstructions.png)."),
 ) -> None:
     """Show images above their reconstructions."""
@@ -415,7 +427,7 @@ def reconstruct(
     _check_count(n, 256, "pairs a readable figure holds")
     model = runs.load(run)
     path = _figure_path(out, Path(run) / "reconstructions.png")
-    _, x, y = _eval_images(run, split, limit=n)
+    _, x, y, _ = _eval_images(run, split, limit=n)
     _save_figures(path.parent, {path.name: plots.reconstructions(x, generate.reconstruct(model, x, y))})
     typer.echo(str(path))
 
@@ -423,8 +435,9 @@ def reconstruct(
 @app.command()
 def encode(
     run: Path = typer.Argument(..., help="Run directory."),
-    split: str = typer.Option("test", "--split", help="train, valid or test: the images of the run's data to encode."),
-    out: Optional[Path] = typer.Option(None, "--out", help=".npz to write (default RUN/codes_<split>.npz)."),
+    split: Optional[str] = typer.Option(None, "--split", help="train, valid or test: the images to encode "
+                                        "(default: test if the data has one, else valid)."),
+    out: Optional[Path] = typer.Option(None, "--out", help=".npz to write (default RUN/codes_SPLIT.npz)."),
 ) -> None:
     """Encode a split of the run's data to the means of q(z|x), written as an .npz.
 
@@ -438,12 +451,12 @@ def encode(
     from vaekit.train import eval_set, labels_for
 
     model = runs.load(run)
+    if out is not None and Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name ending in .npz.")
+    if out is not None and Path(out).suffix.lower() != ".npz":
+        raise ConfigError(f"--out must name a .npz file; got '{out}'.")
+    cfg, ds, split = _split(run, split)
     path = Path(out) if out is not None else Path(run) / f"codes_{split}.npz"
-    if path.is_dir():
-        raise ConfigError(f"--out {path} is a folder; give a file name ending in .npz.")
-    if path.suffix.lower() != ".npz":
-        raise ConfigError(f"--out must name a .npz file; got '{path}'.")
-    cfg, ds = _split(run, split)
     chunk = 10_000 if ds.streamed else max(len(ds), 1)  # a streamed split need not fit in memory at once
     parts = [ds.take(torch.arange(i, min(i + chunk, len(ds)))) for i in range(0, len(ds), chunk)]
     z = torch.cat([generate.encode_mean(model, eval_set(part, cfg.data), y=labels_for(part, cfg.model))
@@ -464,7 +477,7 @@ def interpolate(
     run: Path = typer.Argument(..., help="Run directory."),
     a: int = typer.Argument(..., help="Index of the first image in the split."),
     b: int = typer.Argument(..., help="Index of the second image in the split."),
-    split: str = typer.Option("test", "--split", help="train, valid or test."),
+    split: Optional[str] = typer.Option(None, "--split", help="train, valid or test (default: test if the data has one, else valid)."),
     steps: int = typer.Option(10, "--steps", help="Points on the line, ends included."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/interpolation_A_B.png)."),
 ) -> None:
@@ -477,7 +490,7 @@ def interpolate(
     path = _figure_path(out, Path(run) / f"interpolation_{a}_{b}.png")
     from vaekit.train import eval_set, labels_for
 
-    cfg, ds = _split(run, split)
+    cfg, ds, split = _split(run, split)
     for name, i in (("A", a), ("B", b)):
         if not 0 <= i < len(ds):
             raise ConfigError(f"image {name} = {i} is out of range: the {split} split has {len(ds)} images "
@@ -502,7 +515,7 @@ def plot(run: Path = typer.Argument(..., help="Run directory.")) -> None:
 def eval_(
     run: Path = typer.Argument(..., help="Run directory."),
     k: int = typer.Option(5000, "--k", help="Importance samples per image (the field's protocol: 5000)."),
-    split: str = typer.Option("test", "--split", help="valid or test."),
+    split: Optional[str] = typer.Option(None, "--split", help="valid or test (default: test if the data has one, else valid)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (decoder matmuls; sums in fp32)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the importance samples."),
@@ -522,11 +535,11 @@ def eval_(
     dev = _device(device)
     from vaekit.evaluate import evaluate
 
-    if split not in ("valid", "test"):
+    if split is not None and split not in ("valid", "test"):
         raise VaekitError(f"--split must be valid or test, got '{split}'.")
     if k < 1 or (limit is not None and limit < 1):
         raise VaekitError("--k and --limit must be at least 1.")
-    cfg, x, y = _eval_images(run, split, limit)
+    cfg, x, y, split = _eval_images(run, split, limit)
     model = runs.load(run, device=dev)
     result = evaluate(model, x, y_all=y, k=k, precision=precision, seed=seed, progress=progress)
     chosen_by = f"validation -L_{cfg.train.k}" if cfg.train.objective == "iwae" else "validation ELBO"
@@ -570,7 +583,7 @@ def compare(
     rows, table = [], []
     x0 = None
     for run in run_dirs:
-        cfg, x, y = _eval_images(run, None, limit=n)
+        cfg, x, y, _ = _eval_images(run, None, limit=n)
         summary = json.loads((Path(run) / "summary.json").read_text()) if (Path(run) / "summary.json").exists() else {}
         split = "test" if "test" in summary else "valid"
         elbo_value = summary.get(split, {}).get("elbo", float("nan"))

@@ -144,6 +144,12 @@ def _check_shape(a: np.ndarray, name: str) -> None:
                         "(N, C, H, W) and (N, D). Reshape it before loading.")
     if a.shape[0] == 0:
         raise DataError(f"{name}: data set is empty (shape {a.shape}); give at least one example.")
+    if a.ndim == 4 and a.shape[1] not in (1, 3):
+        hint = (" It looks channels-last (N, H, W, C); use x.transpose(0, 3, 1, 2)." if a.shape[3] in (1, 3)
+                else " Save gray images as (N, H, W) or (N, 1, H, W), colour ones as (N, 3, H, W), other "
+                     "data flat as (N, D).")
+        raise DataError(f"{name}: array has shape {a.shape}, so {a.shape[1]} channels; images need 1 (gray) or "
+                        f"3 (RGB) channels in the second place, (N, C, H, W).{hint}")
 
 
 def _as_examples(a: np.ndarray, name: str) -> torch.Tensor:
@@ -183,9 +189,11 @@ def check_unit_range(ds: Dataset) -> None:
         return
     lo, hi = value_range(ds)
     if lo < 0 or hi > 1:
+        pixels = (" If these are 8-bit pixel values, save them as uint8 (x.astype(numpy.uint8)): vaekit reads "
+                  "uint8 as value/255." if lo >= 0 and hi <= 255 else "")
         raise DataError(f"{ds.name}: values range from {lo:g} to {hi:g}, but a Bernoulli likelihood "
                         "needs data in [0, 1]. Rescale the data to [0, 1] or use "
-                        "`--likelihood gaussian`.")
+                        f"`--likelihood gaussian`.{pixels}")
 
 
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -290,6 +298,9 @@ def _load_image_folder(folder: Path) -> Dataset:
 
     files, labels = _image_files(folder), None
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if files and any(_image_files(sub) for sub in subdirs):
+        raise DataError(f"{folder}: holds images both at its top level and in subfolders; put every image in "
+                        "one class subfolder, or all of them at the top level (no labels).")
     if not files and subdirs:  # one subfolder per class, y = index of the sorted name
         files, labels = [], []
         for k, sub in enumerate(subdirs):
@@ -299,8 +310,10 @@ def _load_image_folder(folder: Path) -> Dataset:
             files += sub_files
             labels += [k] * len(sub_files)
     if not files:
-        raise DataError(f"{folder}: folder is empty (no PNG/JPEG images, no class subfolders); "
-                        f"accepted: {ACCEPTED}.")
+        others = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+        what = (f"has no PNG/JPEG images among its {len(others)} files (e.g. {others[0].name})" if others
+                else "is empty (no PNG/JPEG images, no class subfolders)")
+        raise DataError(f"{folder}: folder {what}; accepted: {ACCEPTED}.")
     sizes, modes = [], []
     for f in files:  # first pass reads headers only
         try:

@@ -134,7 +134,11 @@ def labels_for(ds: Dataset, model: ModelConfig) -> torch.Tensor | None:
         raise DataError(f"{ds.name}: a conditional VAE (n_classes = {model.n_classes}) needs labels, and this "
                         "data has none. Give labels (a 'y' array in the .npz, or one folder per class), or "
                         "train an unconditional model (--set model.n_classes=0).")
-    if len(ds.y) and (int(ds.y.min()) < 0 or int(ds.y.max()) >= model.n_classes):
+    if len(ds.y) and int(ds.y.min()) < 0:
+        raise DataError(f"{ds.name}: labels run from {int(ds.y.min())} to {int(ds.y.max())}; a conditional VAE "
+                        "needs classes numbered from 0 (0, 1, ..., K-1). Renumber them, e.g. with "
+                        "numpy.unique(y, return_inverse=True).")
+    if len(ds.y) and int(ds.y.max()) >= model.n_classes:
         raise DataError(f"{ds.name}: labels run from {int(ds.y.min())} to {int(ds.y.max())}, but the model has "
                         f"n_classes = {model.n_classes} (labels 0..{model.n_classes - 1}); set "
                         f"--set model.n_classes={int(ds.y.max()) + 1}.")
