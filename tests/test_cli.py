@@ -201,6 +201,17 @@ def test_a_run_whose_data_moved_says_so(tmp_path, npz, capsys):
     assert "not found from here" in err and "config.json" in err
 
 
+def test_ctrl_c_in_training_exits_130_and_says_how_to_resume(tmp_path, npz, capsys, monkeypatch):
+    import vaekit.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vaekit.train, "fit", interrupted)
+    assert main(train_args(tmp_path / "run", npz)) == 130
+    assert "--resume" in capsys.readouterr().err
+
+
 def test_out_that_already_holds_a_run_is_refused(tmp_path, npz, capsys):
     run = tmp_path / "run"
     assert main(train_args(run, npz)) == 0

@@ -654,6 +654,14 @@ def version() -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
+def _say_interrupted(argv: list[str]) -> None:
+    if argv[:1] == ["train"]:
+        typer.echo("interrupted: the epochs finished so far are saved; continue with the same "
+                   "`vaekit train --out ... --resume`.", err=True)
+    else:
+        typer.echo("interrupted.", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 2 bad input/usage, 1 internal error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -662,15 +670,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Standalone mode: typer reports usage errors itself and exits 2 through SystemExit.
         app(args=argv, prog_name="vaekit")
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except SystemExit as e:  # typer turns Ctrl-C into exit code 130
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == 130:
+            _say_interrupted(argv)
+        return code
     except VaekitError as e:
         if debug:
             traceback.print_exc()
         typer.echo(f"error: {e}", err=True)
         return 2
     except KeyboardInterrupt:
-        typer.echo("interrupted; finished epochs are saved (continue with --resume)", err=True)
+        _say_interrupted(argv)
         return 130
     except Exception:
         traceback.print_exc()
