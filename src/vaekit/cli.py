@@ -156,14 +156,16 @@ def _save_figures(run: Path, figs: dict) -> None:
         runs.atomic_write(run / name, lambda p, fig=fig: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
 
 
-def _figure_path(out: Optional[Path], default: Path) -> Path:
-    """Where a command's --out figure goes: a .png (its folder is made when the figure is written)."""
-    path = Path(out) if out is not None else default
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"--out must name a .png file (vaekit writes PNG figures); got '{path}'.")
-    if path.is_dir():
-        raise ConfigError(f"--out {path} is a folder; give a file name ending in .png.")
-    return path
+def _out_file(out: Optional[Path], suffix: str) -> Optional[Path]:
+    """A command's --out file, checked before any work (None: the command's default); its folder is made
+    when the file is written."""
+    if out is None:
+        return None
+    if Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name ending in {suffix}.")
+    if Path(out).suffix.lower() != suffix:
+        raise ConfigError(f"--out must name a {suffix} file; got '{out}'.")
+    return Path(out)
 
 
 def finish_run(run: Path, *, progress: bool = True) -> dict:
@@ -363,6 +365,9 @@ def train(
 
 
 # ----------------------------------------------------------------------------- use a run
+_DEFAULT_SPLIT = "(default: test if the data has one, else valid)."
+
+
 def _split(run: Path, split: Optional[str], limit: Optional[int] = None):
     """(config, data set, split name) of a split of a run's data; split None: test if there is one, else valid."""
     from vaekit.data import load_splits
@@ -387,7 +392,8 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None):
 
 
 def _eval_images(run: Path, split: Optional[str], limit: Optional[int] = None):
-    """(config, images, labels, split name) of a run's split, binarized as evaluation does; labels only for a conditional model."""
+    """(config, images, labels, split name) of a run's split, binarized as evaluation does; labels only for
+    a conditional model."""
     from vaekit.train import eval_set, labels_for
 
     cfg, ds, split = _split(run, split, limit)
@@ -408,7 +414,7 @@ def sample(
 
     _check_count(n, 1024, "images a readable grid holds")
     model = runs.load(run)
-    path = _figure_path(out, Path(run) / "samples.png")
+    path = _out_file(out, ".png") or Path(run) / "samples.png"
     imgs = generate.sample(model, n, seed=seed, label=label)
     _save_figures(path.parent, {path.name: plots.samples(imgs)})
     typer.echo(str(path))
@@ -418,7 +424,7 @@ def sample(
 def reconstruct(
     run: Path = typer.Argument(..., help="Run directory."),
     n: int = typer.Option(8, "--n", help="How many images."),
-    split: Optional[str] = typer.Option(None, "--split", help="train, valid or test (default: test if the data has one, else valid)."),
+    split: Optional[str] = typer.Option(None, "--split", help="train, valid or test " + _DEFAULT_SPLIT),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/reconstructions.png)."),
 ) -> None:
     """Show images above their reconstructions."""
@@ -426,7 +432,7 @@ def reconstruct(
 
     _check_count(n, 256, "pairs a readable figure holds")
     model = runs.load(run)
-    path = _figure_path(out, Path(run) / "reconstructions.png")
+    path = _out_file(out, ".png") or Path(run) / "reconstructions.png"
     _, x, y, _ = _eval_images(run, split, limit=n)
     _save_figures(path.parent, {path.name: plots.reconstructions(x, generate.reconstruct(model, x, y))})
     typer.echo(str(path))
@@ -436,7 +442,7 @@ def reconstruct(
 def encode(
     run: Path = typer.Argument(..., help="Run directory."),
     split: Optional[str] = typer.Option(None, "--split", help="train, valid or test: the images to encode "
-                                        "(default: test if the data has one, else valid)."),
+                                        + _DEFAULT_SPLIT),
     out: Optional[Path] = typer.Option(None, "--out", help=".npz to write (default RUN/codes_SPLIT.npz)."),
 ) -> None:
     """Encode a split of the run's data to the means of q(z|x), written as an .npz.
@@ -451,12 +457,9 @@ def encode(
     from vaekit.train import eval_set, labels_for
 
     model = runs.load(run)
-    if out is not None and Path(out).is_dir():
-        raise ConfigError(f"--out {out} is a folder; give a file name ending in .npz.")
-    if out is not None and Path(out).suffix.lower() != ".npz":
-        raise ConfigError(f"--out must name a .npz file; got '{out}'.")
+    path = _out_file(out, ".npz")
     cfg, ds, split = _split(run, split)
-    path = Path(out) if out is not None else Path(run) / f"codes_{split}.npz"
+    path = path or Path(run) / f"codes_{split}.npz"
     chunk = 10_000 if ds.streamed else max(len(ds), 1)  # a streamed split need not fit in memory at once
     parts = [ds.take(torch.arange(i, min(i + chunk, len(ds)))) for i in range(0, len(ds), chunk)]
     z = torch.cat([generate.encode_mean(model, eval_set(part, cfg.data), y=labels_for(part, cfg.model))
@@ -477,19 +480,18 @@ def interpolate(
     run: Path = typer.Argument(..., help="Run directory."),
     a: int = typer.Argument(..., help="Index of the first image in the split."),
     b: int = typer.Argument(..., help="Index of the second image in the split."),
-    split: Optional[str] = typer.Option(None, "--split", help="train, valid or test (default: test if the data has one, else valid)."),
+    split: Optional[str] = typer.Option(None, "--split", help="train, valid or test " + _DEFAULT_SPLIT),
     steps: int = typer.Option(10, "--steps", help="Points on the line, ends included."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/interpolation_A_B.png)."),
 ) -> None:
     """Decode the straight line between the posterior means of two images of the run's data."""
     from vaekit import generate, plots
+    from vaekit.train import eval_set, labels_for
 
     if not 2 <= steps <= 100:
         raise ConfigError(f"--steps must be between 2 and 100; got {steps}.")
     model = runs.load(run)
-    path = _figure_path(out, Path(run) / f"interpolation_{a}_{b}.png")
-    from vaekit.train import eval_set, labels_for
-
+    path = _out_file(out, ".png") or Path(run) / f"interpolation_{a}_{b}.png"
     cfg, ds, split = _split(run, split)
     for name, i in (("A", a), ("B", b)):
         if not 0 <= i < len(ds):
@@ -515,7 +517,7 @@ def plot(run: Path = typer.Argument(..., help="Run directory.")) -> None:
 def eval_(
     run: Path = typer.Argument(..., help="Run directory."),
     k: int = typer.Option(5000, "--k", help="Importance samples per image (the field's protocol: 5000)."),
-    split: Optional[str] = typer.Option(None, "--split", help="valid or test (default: test if the data has one, else valid)."),
+    split: Optional[str] = typer.Option(None, "--split", help="valid or test " + _DEFAULT_SPLIT),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (decoder matmuls; sums in fp32)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the importance samples."),
