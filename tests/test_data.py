@@ -262,6 +262,9 @@ def test_image_folder_class_subfolders(tmp_path):
     ds = load_path(tmp_path / "c")
     assert ds.y.tolist() == [0, 0, 0, 1, 1]  # sorted: cat = 0, dog = 1
     assert ds.x[:, 0, 0, 0].tolist() == [30, 31, 32, 20, 21]
+    assert ds.classes == ("cat", "dog")
+    splits = load_data(str(tmp_path / "c"), valid_fraction=0.4)
+    assert splits.train.classes == splits.valid.classes == ("cat", "dog")  # the names survive the split
 
 
 def test_image_folder_mixed_sizes_names_both(tmp_path):

@@ -208,6 +208,8 @@ def test_latent_scatter_legend_lists_the_classes():
     fig = plots.latent_scatter(means, labels=np.arange(60) % 3)
     legend = fig.axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["0", "1", "2"]
+    named = plots.latent_scatter(means, labels=np.arange(60) % 3, class_names=["cat", "dog", "owl"])
+    assert [t.get_text() for t in named.axes[0].get_legend().get_texts()] == ["cat", "dog", "owl"]
 
 
 # ---------------------------------------------------------------- labelled rows

@@ -193,7 +193,7 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
                 "binarize_seed": cfg.data.binarize_seed, "estimator": "ELBO, 1 sample of z per image"},
     }
     runs.write_json(run / "summary.json", summary)
-    _save_figures(run, figures.run_figures(model, x, ds.y, metrics))
+    _save_figures(run, figures.run_figures(model, x, ds.y, metrics, class_names=ds.classes))
     write_report(run)
     return summary
 

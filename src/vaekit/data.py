@@ -83,6 +83,7 @@ class Dataset:
     name: str
     rows: torch.Tensor | None = None  # streamed: this set's examples, as int64 row numbers of x
     source: Path | None = None  # streamed: the .npy file that x maps
+    classes: tuple[str, ...] | None = None  # names of labels 0, 1, ... (an image folder's subfolders)
 
     def __post_init__(self):
         if self.x.dtype not in (torch.uint8, torch.float32) or self.x.ndim not in (2, 4):
@@ -109,7 +110,7 @@ class Dataset:
         y = None if self.y is None else self.y[idx]
         if self.streamed:
             return replace(self, y=y, rows=self.rows[idx])
-        return Dataset(self.x[idx], y, self.name)
+        return Dataset(self.x[idx], y, self.name, classes=self.classes)
 
     def examples(self, idx=None) -> torch.Tensor:
         """The stored examples (uint8 or float32) at idx (default: all), read into memory."""
@@ -120,7 +121,7 @@ class Dataset:
 
     def in_memory(self) -> Dataset:
         """This set read into memory (itself if it is there already)."""
-        return self if not self.streamed else Dataset(self.examples(), self.y, self.name)
+        return self if not self.streamed else Dataset(self.examples(), self.y, self.name, classes=self.classes)
 
     def float(self, idx=None) -> torch.Tensor:
         """float32 in [0, 1] (uint8 / 255). Float data comes back as stored (may share memory)."""
@@ -337,7 +338,8 @@ def _load_image_folder(folder: Path) -> Dataset:
             x[i] = np.asarray(im.convert("L" if gray else "RGB"))
     x = x if gray else x.transpose(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
     y = None if labels is None else torch.tensor(labels, dtype=torch.int64)
-    return Dataset(_as_examples(x, str(folder)), y, folder.name)
+    classes = None if labels is None else tuple(sub.name for sub in subdirs)
+    return Dataset(_as_examples(x, str(folder)), y, folder.name, classes=classes)
 
 
 def memory_budget() -> int | None:

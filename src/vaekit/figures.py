@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from matplotlib.figure import Figure
 
@@ -29,11 +31,12 @@ def run_figures(
     n_show: int = 8,
     n_latent: int = 5000,
     seed: int = 0,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Figure]:
     """All figures of a run from evaluation images x (N, *shape) in [0, 1].
 
     A conditional model is given the labels wherever it encodes, and gets a figure of its own:
-    one row of samples per class.
+    one row of samples per class. class_names[c] names label c (an image folder's subfolders).
     """
     g = torch.Generator().manual_seed(seed)
     y = labels if generate.n_classes(model) else None  # what the model is conditioned on
@@ -44,11 +47,12 @@ def run_figures(
         "reconstructions.png": plots.reconstructions(show, generate.reconstruct(model, show, y_show)),
         "samples.png": plots.samples(generate.sample(model, 64, seed=seed)),
         "latent.png": plots.latent_scatter(
-            generate.encode_mean(model, x[:n_latent], y=y_latent), None if labels is None else labels[:n_latent]
+            generate.encode_mean(model, x[:n_latent], y=y_latent), None if labels is None else labels[:n_latent],
+            class_names=class_names,
         ),
     }
     if y is not None:
-        figs["classes.png"] = plots.by_class(generate.by_class(model, 10, seed=seed))
+        figs["classes.png"] = plots.by_class(generate.by_class(model, 10, seed=seed), class_names=class_names)
     if model.latent_dim == 2:
         if y is None:
             figs["manifold.png"] = plots.manifold(generate.manifold(model, 20), 20)

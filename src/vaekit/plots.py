@@ -264,8 +264,11 @@ def _colour_values(y, codes):
     return y if np.issubdtype(y.dtype, np.number) else codes
 
 
-def latent_scatter(means, labels=None, title: str | None = None) -> Figure:
-    """Posterior means E[z|x] (N, D): histogram for D = 1, scatter for D = 2, PCA to 2-D for D > 2."""
+def latent_scatter(means, labels=None, title: str | None = None,
+                   class_names: Sequence[str] | None = None) -> Figure:
+    """Posterior means E[z|x] (N, D): histogram for D = 1, scatter for D = 2, PCA to 2-D for D > 2.
+
+    Integer labels colour the points; class_names[c], when given, names label c in the legend."""
     m = torch.as_tensor(means.detach().cpu() if torch.is_tensor(means) else np.asarray(means),
                         dtype=torch.float64)
     if m.dim() != 2 or m.shape[1] < 1:
@@ -281,12 +284,13 @@ def latent_scatter(means, labels=None, title: str | None = None) -> Figure:
     classes, codes = np.unique(y, return_inverse=True) if y is not None else (None, None)
     discrete = classes is not None and len(classes) <= 20  # else a colorbar over the label codes
     cmap = colormaps["tab10" if discrete and len(classes) <= 10 else "tab20"]
+    name = (lambda c: str(class_names[int(c)])) if class_names is not None else str
 
     if d == 1:
         x = m[:, 0].numpy()
         if discrete:
             ax.hist([x[y == c] for c in classes], bins=50, stacked=True,
-                    color=[cmap(i) for i in range(len(classes))], label=[str(c) for c in classes])
+                    color=[cmap(i) for i in range(len(classes))], label=[name(c) for c in classes])
         else:
             ax.hist(x, bins=50, color="tab:blue")
         ax.set_xlabel("$z_1$ (posterior mean)")
@@ -308,7 +312,7 @@ def latent_scatter(means, labels=None, title: str | None = None) -> Figure:
         if discrete:
             for i, c in enumerate(classes):
                 pts = xy[y == c]
-                ax.scatter(pts[:, 0], pts[:, 1], s=size, color=cmap(i), alpha=0.7, label=str(c),
+                ax.scatter(pts[:, 0], pts[:, 1], s=size, color=cmap(i), alpha=0.7, label=name(c),
                            linewidths=0, rasterized=True)
         else:
             sc = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=_colour_values(y, codes),
@@ -317,7 +321,7 @@ def latent_scatter(means, labels=None, title: str | None = None) -> Figure:
             if y is not None:
                 fig.colorbar(sc, ax=ax, label="label")
     if discrete:
-        ax.legend(title="label", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+        ax.legend(title="class" if class_names is not None else "label", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
                   markerscale=1.5 if d > 1 else 1.0)
     if title is None:
         title = default
