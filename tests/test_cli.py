@@ -212,6 +212,12 @@ def test_ctrl_c_in_training_exits_130_and_says_how_to_resume(tmp_path, npz, caps
     assert "--resume" in capsys.readouterr().err
 
 
+def test_data_info_gives_uint8_values_as_stored_and_as_read(npz, capsys):
+    assert main(["data", "info", str(npz)]) == 0
+    out = capsys.readouterr().out
+    assert "uint8, values 0..255, read as [0, 1], labels 3 classes" in out
+
+
 def test_out_that_already_holds_a_run_is_refused(tmp_path, npz, capsys):
     run = tmp_path / "run"
     assert main(train_args(run, npz)) == 0

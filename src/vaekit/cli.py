@@ -636,10 +636,14 @@ def data_info(spec: str = typer.Argument("mnist", help="'mnist' or a path.")) ->
         if ds is None:
             continue
         lo, hi = value_range(ds)
+        values = (f"values {round(lo * 255)}..{round(hi * 255)}, read as [{lo:.3g}, {hi:.3g}]"
+                  if ds.x.dtype == torch.uint8 else f"values [{lo:.3g}, {hi:.3g}]")
         labels = "none" if ds.y is None else f"{int(ds.y.max()) + 1} classes"
+        if ds.classes is not None:
+            labels += f" ({', '.join(ds.classes)})"
         where = f", streamed from {ds.source}" if ds.streamed else ""
         typer.echo(f"{name:>6}: {len(ds)} × {tuple(ds.shape)} {str(ds.x.dtype).replace('torch.', '')}, "
-                   f"values [{lo:.3g}, {hi:.3g}], labels {labels}{where}")
+                   f"{values}, labels {labels}{where}")
 
 
 @app.command()
