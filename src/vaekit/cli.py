@@ -460,8 +460,8 @@ def encode(
     path = _out_file(out, ".npz")
     cfg, ds, split = _split(run, split)
     path = path or Path(run) / f"codes_{split}.npz"
-    chunk = 10_000 if ds.streamed else max(len(ds), 1)  # a streamed split need not fit in memory at once
-    parts = [ds.take(torch.arange(i, min(i + chunk, len(ds)))) for i in range(0, len(ds), chunk)]
+    parts = [ds] if not ds.streamed else [  # a streamed split need not fit in memory at once
+        ds.take(torch.arange(i, min(i + 10_000, len(ds)))) for i in range(0, len(ds), 10_000)]
     z = torch.cat([generate.encode_mean(model, eval_set(part, cfg.data), y=labels_for(part, cfg.model))
                    for part in parts]).numpy()
     arrays = {"z": z} if ds.y is None else {"z": z, "y": ds.y.numpy()}

@@ -321,8 +321,8 @@ def latent_scatter(means, labels=None, title: str | None = None,
             if y is not None:
                 fig.colorbar(sc, ax=ax, label="label")
     if discrete:
-        ax.legend(title="class" if class_names is not None else "label", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
-                  markerscale=1.5 if d > 1 else 1.0)
+        ax.legend(title="label" if class_names is None else "class", loc="center left", bbox_to_anchor=(1.0, 0.5),
+                  frameon=False, markerscale=1.5 if d > 1 else 1.0)
     if title is None:
         title = default
     elif d > 2:  # a caller's title must not hide that this is a projection
