@@ -123,8 +123,43 @@ def test_cli_conditional_run_samples_a_chosen_label(labelled_npz, tmp_path):
     assert main(["sample", str(run), "--label", "2", "--n", "9", "--out", str(tmp_path / "two.png")]) == 0
     assert (tmp_path / "two.png").is_file()
     assert main(["sample", str(run), "--label", "7"]) == 2
+    assert main(["sample", str(run), "--label", "two"]) == 2  # this data names no classes
     assert main(["eval", str(run), "--k", "5", "--split", "valid", "--json", "--no-progress"]) == 0
     assert "p(x|y)" in json.loads((run / "summary.json").read_text())["valid_eval"]["note"]
+
+
+def test_cli_conditional_sample_takes_the_class_names_of_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    x, y = noisy_class_data(300)
+    names = ["top", "bottom", "left"]  # subfolders sort as bottom = 0, left = 1, top = 2
+    for i, (img, label) in enumerate(zip(x, y)):
+        folder = tmp_path / "shapes" / names[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img[0].numpy() * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--data", str(tmp_path / "shapes"), "--conditional", "--latent-dim",
+                 "2", "--hidden", "32", "--epochs", "1", "--batch-size", "50", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["model"]["class_names"] == ["bottom", "left", "top"]
+    by_name, by_number = tmp_path / "top.png", tmp_path / "2.png"
+    assert main(["sample", str(run), "--label", "top", "--n", "4", "--out", str(by_name)]) == 0
+    assert main(["sample", str(run), "--label", "2", "--n", "4", "--out", str(by_number)]) == 0
+    assert by_name.read_bytes() == by_number.read_bytes()
+    capsys.readouterr()
+    assert main(["sample", str(run), "--label", "right", "--out", str(tmp_path / "right.png")]) == 2
+    assert "one of its classes' names: bottom, left, top" in capsys.readouterr().err
+    assert not (tmp_path / "right.png").exists()
+    assert main(["encode", str(run), "--out", str(tmp_path / "codes.npz")]) == 0
+    codes = np.load(tmp_path / "codes.npz")
+    assert codes["classes"].tolist() == ["bottom", "left", "top"] and set(codes["y"].tolist()) <= {0, 1, 2}
+
+
+def test_class_names_must_fit_the_classes():
+    with pytest.raises(ConfigError, match="3 names for n_classes = 2"):
+        ModelConfig(n_classes=2, class_names=("a", "b", "c")).check()
+    with pytest.raises(ConfigError, match="differ"):
+        ModelConfig(n_classes=2, class_names=("a", "a")).check()
+    assert RunConfig.from_dict({"model": {"n_classes": 2, "class_names": ["a", "b"]}}).model.class_names == ("a", "b")
 
 
 def test_cli_conditional_without_labels_writes_nothing(tmp_path):

@@ -18,7 +18,7 @@ import torch
 import typer
 
 from vaekit import __version__, runs
-from vaekit.config import PRESET_SOURCES, PRESETS, Activation, RunConfig, merge, preset
+from vaekit.config import PRESET_SOURCES, PRESETS, Activation, ModelConfig, RunConfig, merge, preset
 from vaekit.errors import ConfigError, DataError, RunError, VaekitError
 
 app = typer.Typer(
@@ -340,6 +340,8 @@ def train(
         cfg = cfg.replace(model={"n_classes": max(2, int(splits.train.y.max()) + 1)})
     for ds in (splits.train, splits.valid):
         labels_for(ds, cfg.model)  # a conditional model: labels present and in range, before anything is written
+    if cfg.model.n_classes and splits.train.classes and not resume:
+        cfg = cfg.replace(model={"class_names": list(splits.train.classes)})  # `sample --label` takes them
     model = build(cfg.model, seed=cfg.train.seed).to(dev)
     has_checkpoint = (out / "state.safetensors").is_file()
     if resume and not has_checkpoint:
@@ -400,13 +402,27 @@ def _eval_images(run: Path, split: Optional[str], limit: Optional[int] = None):
     return cfg, eval_set(ds, cfg.data), labels_for(ds, cfg.model), split
 
 
+def _class_number(model: ModelConfig, label: str | None) -> int | str | None:
+    """--label as a class number: a name the model's classes were given, or a number as it is."""
+    if label is None or not model.n_classes:
+        return label  # a model without classes refuses any label (generate.sample says so)
+    if label in model.class_names:
+        return model.class_names.index(label)
+    try:
+        return int(label)
+    except ValueError:
+        named = f"or one of its classes' names: {', '.join(model.class_names)}" if model.class_names else \
+            "(its classes have no names: the data it was trained on did not name them)"
+        raise ConfigError(f"--label {label!r}: give a class number 0..{model.n_classes - 1} {named}.") from None
+
+
 @app.command()
 def sample(
     run: Path = typer.Argument(..., help="Run directory."),
     n: int = typer.Option(64, "--n", help="How many samples."),
     seed: int = typer.Option(0, "--seed"),
-    label: Optional[int] = typer.Option(None, "--label", help="Conditional models: the class to draw "
-                                        "(default: every class in turn)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Conditional models: the class to draw, by "
+                                        "number or by its name (default: every class in turn)."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/samples.png)."),
 ) -> None:
     """Decode z ~ N(0, I) into a grid of images."""
@@ -415,7 +431,7 @@ def sample(
     _check_count(n, 1024, "images a readable grid holds")
     model = runs.load(run)
     path = _out_file(out, ".png") or Path(run) / "samples.png"
-    imgs = generate.sample(model, n, seed=seed, label=label)
+    imgs = generate.sample(model, n, seed=seed, label=_class_number(model.cfg, label))
     _save_figures(path.parent, {path.name: plots.samples(imgs)})
     typer.echo(str(path))
 
@@ -447,8 +463,8 @@ def encode(
 ) -> None:
     """Encode a split of the run's data to the means of q(z|x), written as an .npz.
 
-    The file holds `z` (N, latent size) and, when the data has labels, `y` (N,), in the data's order;
-    load it with numpy.load. Images are binarized as the run's evaluation binarizes them (a streamed
+    The file holds `z` (N, latent size) and, when the data has labels, `y` (N,), in the data's order,
+    plus `classes`, label i's name, when the data names them (an image folder); load it with numpy.load. Images are binarized as the run's evaluation binarizes them (a streamed
     split, chunk by chunk). For a model with two stochastic layers `z` is [z1, z2] at z1's mean.
     """
     import numpy as np
@@ -465,6 +481,8 @@ def encode(
     z = torch.cat([generate.encode_mean(model, eval_set(part, cfg.data), y=labels_for(part, cfg.model))
                    for part in parts]).numpy()
     arrays = {"z": z} if ds.y is None else {"z": z, "y": ds.y.numpy()}
+    if ds.y is not None and ds.classes:
+        arrays["classes"] = np.array(ds.classes)  # the name of each label, for y's plots
     _make_folder(path.parent)
 
     def write(tmp: Path) -> None:
@@ -472,7 +490,8 @@ def encode(
             np.savez(f, **arrays)
 
     runs.atomic_write(path, write)
-    typer.echo(f"{path}: z {z.shape[0]} × {z.shape[1]}" + ("" if ds.y is None else ", y"))
+    typer.echo(f"{path}: z {z.shape[0]} × {z.shape[1]}" + ("" if ds.y is None else ", y")
+               + (", classes" if "classes" in arrays else ""))
 
 
 @app.command(context_settings={"ignore_unknown_options": True})  # so that a negative index gets our message

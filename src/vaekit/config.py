@@ -36,6 +36,7 @@ class ModelConfig:
     sigma: float = 1.0  # gaussian: the fixed σ, or the initial σ when learn_sigma
     learn_sigma: bool = False  # gaussian: learn one σ per data dimension
     n_classes: int = 0  # > 0: a conditional VAE, encoder and decoder both given the label (one-hot)
+    class_names: tuple[str, ...] = ()  # conditional: names of labels 0, 1, ... when the data names them
     input_shape: tuple[int, ...] = (1, 28, 28)  # per-example shape, set from the data
 
     def check(self) -> None:
@@ -48,6 +49,11 @@ class ModelConfig:
             raise ConfigError(f"latent1_dim must be at least 1, got {self.latent1_dim}.")
         if self.n_classes < 0 or self.n_classes == 1:
             raise ConfigError(f"n_classes must be 0 (unconditional) or at least 2, got {self.n_classes}.")
+        if len(self.class_names) > self.n_classes:
+            raise ConfigError(f"class_names lists {len(self.class_names)} names for n_classes = {self.n_classes}; "
+                              "a model takes names only for the classes it has.")
+        if len(set(self.class_names)) < len(self.class_names):
+            raise ConfigError(f"class_names must differ from each other; got {list(self.class_names)}.")
         if self.n_classes and self.arch not in ("mlp", "conv"):
             raise ConfigError(f"a conditional VAE (n_classes = {self.n_classes}) needs arch mlp or conv, "
                               f"not '{self.arch}'.")
