@@ -176,6 +176,55 @@ def test_encode_writes_the_posterior_means_and_labels_and_interpolate_a_figure(t
     assert main(["interpolate", str(cvae), "0", "1", "--split", "valid"]) == 0
 
 
+def test_eval_and_encode_take_other_data_and_score_each_image(tmp_path, npz, capsys):
+    from vaekit import runs
+    from vaekit.data import load_splits
+
+    run = tmp_path / "run"
+    assert main(train_args(run, npz, "--epochs", "20")) == 0  # the later --epochs counts
+    assert runs.load_config(run).train.epochs == 20
+    valid = load_splits(runs.load_config(run).data).valid
+    x = valid.x.squeeze(1).numpy()
+    same = tmp_path / "same.npz"
+    np.savez(same, x=x, y=valid.y.numpy())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "valid", "--k", "50", "--json", "--no-progress"]) == 0
+    on_split = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = (run / "summary.json").read_text()
+    scores = tmp_path / "out" / "scores.npz"
+    assert main(["eval", str(run), "--data", str(same), "--k", "50", "--scores", str(scores), "--json",
+                 "--no-progress"]) == 0
+    on_file = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the same images, binarized the same way, with the same samples: the same estimate
+    assert on_file["nll"] == on_split["nll"] and on_file["data"] == str(same) and "split" not in on_file
+    per_image = np.load(scores)
+    assert per_image["nll"].shape == (30,) and per_image["nll"].mean() == pytest.approx(on_split["nll"])
+    np.testing.assert_array_equal(per_image["y"], valid.y.numpy())
+    assert (run / "summary.json").read_text() == summary  # other data leaves the run as it was
+
+    # the scores rank what the model has not seen as unlikely: inverted images score far worse
+    odd = tmp_path / "odd.npz"
+    np.savez(odd, x=np.concatenate([x, 255 - x]))
+    assert main(["eval", str(run), "--data", str(odd), "--k", "20", "--scores", str(scores), "--no-progress"]) == 0
+    nll = np.load(scores)["nll"]
+    assert nll[30:].min() > nll[:30].max()
+
+    assert main(["encode", str(run), "--split", "valid"]) == 0
+    assert main(["encode", str(run), "--data", str(same)]) == 0
+    np.testing.assert_array_equal(np.load(run / "codes_same.npz")["z"], np.load(run / "codes_valid.npz")["z"])
+
+    # data the model cannot take, or two sources at once: exit 2, a message, nothing written
+    small = tmp_path / "small.npz"
+    np.savez(small, x=np.zeros((5, 6, 6), np.uint8))
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(small), "--scores", str(tmp_path / "no.npz")]) == 2
+    assert "shape [1, 6, 6], and this model takes [1, 8, 8]" in capsys.readouterr().err
+    assert main(["encode", str(run), "--data", str(same), "--split", "valid", "--out", str(tmp_path / "no.npz")]) == 2
+    assert "drop --split" in capsys.readouterr().err
+    assert main(["eval", str(run), "--data", str(tmp_path / "missing.npz")]) == 2
+    assert not (tmp_path / "no.npz").exists()
+
+
 def test_a_run_finds_its_data_from_any_folder_and_defaults_to_the_split_it_has(tmp_path, npz, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(train_args("run", npz.name)) == 0  # a relative --data path

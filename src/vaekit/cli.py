@@ -370,13 +370,21 @@ def train(
 _DEFAULT_SPLIT = "(default: test if the data has one, else valid)."
 
 
-def _split(run: Path, split: Optional[str], limit: Optional[int] = None):
-    """(config, data set, split name) of a split of a run's data; split None: test if there is one, else valid."""
+def _split(run: Path, split: Optional[str], limit: Optional[int] = None, data: Optional[Path] = None):
+    """(config, data set, split name) of a split of a run's data; split None: test if there is one, else valid.
+
+    data: instead, the examples of that file or folder (named by its stem), checked against the model.
+    """
     from vaekit.data import load_splits
 
     if split is not None and split not in ("train", "valid", "test"):
         raise ConfigError(f"--split must be train, valid or test; got '{split}'.")
     cfg = runs.load_config(run)
+    if data is not None:
+        if split is not None:
+            raise ConfigError("--data and --split both given: --data brings its own examples, so drop --split.")
+        ds = _new_data(cfg, data)
+        return cfg, (ds if limit is None else ds.take(slice(0, limit))), Path(data).stem
     source = cfg.data.source
     if source != "mnist" and not Path(source).expanduser().exists():
         raise ConfigError(f"{run} was trained on '{source}', which is not found from here (a relative path is "
@@ -391,6 +399,32 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None):
     if limit is not None:
         ds = ds.take(slice(0, limit))
     return cfg, ds, split
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    """numpy arrays to an .npz, whole or not at all (its folder made if missing)."""
+    import numpy as np
+
+    _make_folder(path.parent)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    runs.atomic_write(path, write)
+
+
+def _new_data(cfg: RunConfig, data: Path):
+    """The examples of a file or folder other than the run's own, if the model can take them."""
+    from vaekit.data import check_unit_range, load_path
+
+    ds = load_path(Path(data).expanduser())
+    if ds.shape != tuple(cfg.model.input_shape):
+        raise DataError(f"{data}: its examples have shape {list(ds.shape)}, and this model takes "
+                        f"{list(cfg.model.input_shape)}, the shape of the data it was trained on.")
+    if cfg.model.likelihood == "bernoulli":
+        check_unit_range(ds)
+    return ds
 
 
 def _eval_images(run: Path, split: Optional[str], limit: Optional[int] = None):
@@ -459,13 +493,17 @@ def encode(
     run: Path = typer.Argument(..., help="Run directory."),
     split: Optional[str] = typer.Option(None, "--split", help="train, valid or test: the images to encode "
                                         + _DEFAULT_SPLIT),
-    out: Optional[Path] = typer.Option(None, "--out", help=".npz to write (default RUN/codes_SPLIT.npz)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Encode this file or folder (as `train --data` "
+                                        "takes) instead of the run's own data."),
+    out: Optional[Path] = typer.Option(None, "--out", help=".npz to write (default RUN/codes_SPLIT.npz, or "
+                                       "RUN/codes_NAME.npz for --data NAME.npz)."),
 ) -> None:
-    """Encode a split of the run's data to the means of q(z|x), written as an .npz.
+    """Encode a split of the run's data, or other data, to the means of q(z|x), written as an .npz.
 
     The file holds `z` (N, latent size) and, when the data has labels, `y` (N,), in the data's order,
-    plus `classes`, label i's name, when the data names them (an image folder); load it with numpy.load. Images are binarized as the run's evaluation binarizes them (a streamed
-    split, chunk by chunk). For a model with two stochastic layers `z` is [z1, z2] at z1's mean.
+    plus `classes`, label i's name, when the data names them (an image folder); load it with
+    numpy.load. Images are binarized as the run's evaluation binarizes them (a streamed split,
+    chunk by chunk). For a model with two stochastic layers `z` is [z1, z2] at z1's mean.
     """
     import numpy as np
 
@@ -474,7 +512,7 @@ def encode(
 
     model = runs.load(run)
     path = _out_file(out, ".npz")
-    cfg, ds, split = _split(run, split)
+    cfg, ds, split = _split(run, split, data=data)
     path = path or Path(run) / f"codes_{split}.npz"
     parts = [ds] if not ds.streamed else [  # a streamed split need not fit in memory at once
         ds.take(torch.arange(i, min(i + 10_000, len(ds)))) for i in range(0, len(ds), 10_000)]
@@ -483,13 +521,7 @@ def encode(
     arrays = {"z": z} if ds.y is None else {"z": z, "y": ds.y.numpy()}
     if ds.y is not None and ds.classes:
         arrays["classes"] = np.array(ds.classes)  # the name of each label, for y's plots
-    _make_folder(path.parent)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    runs.atomic_write(path, write)
+    _write_npz(path, arrays)
     typer.echo(f"{path}: z {z.shape[0]} × {z.shape[1]}" + ("" if ds.y is None else ", y")
                + (", classes" if "classes" in arrays else ""))
 
@@ -537,7 +569,11 @@ def eval_(
     run: Path = typer.Argument(..., help="Run directory."),
     k: int = typer.Option(5000, "--k", help="Importance samples per image (the field's protocol: 5000)."),
     split: Optional[str] = typer.Option(None, "--split", help="valid or test " + _DEFAULT_SPLIT),
+    data: Optional[Path] = typer.Option(None, "--data", help="Score this file or folder (as `train --data` "
+                                        "takes) instead of a split of the run's data; the run is left as it is."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Also write each image's -log p(x) to this "
+                                          ".npz (array nll, in the data's order; y too when there are labels)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (decoder matmuls; sums in fp32)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the importance samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -549,43 +585,58 @@ def eval_(
 ) -> None:
     """Estimate log p(x) by importance sampling (q(z|x) as proposal, k samples), plus the ELBO parts, in nats.
 
-    The result is also written into the run's summary.json (under "<split>_eval") and report.html.
+    The result is also written into the run's summary.json (under "<split>_eval") and report.html,
+    except for --data: other data is only scored. Per-image scores (--scores) are what anomaly
+    detection ranks by: an image the model finds unlikely has a high -log p(x).
     """
     _set_threads(threads)
     progress = _progress(progress)
     dev = _device(device)
     from vaekit.evaluate import evaluate
+    from vaekit.train import eval_set, labels_for
 
     if split is not None and split not in ("valid", "test"):
         raise VaekitError(f"--split must be valid or test, got '{split}'.")
     if k < 1 or (limit is not None and limit < 1):
         raise VaekitError("--k and --limit must be at least 1.")
-    cfg, x, y, split = _eval_images(run, split, limit)
+    scores = _out_file(scores, ".npz")
+    cfg, ds, split = _split(run, split, limit, data)
+    x, y = eval_set(ds, cfg.data), labels_for(ds, cfg.model)  # y: a conditional model's labels
     model = runs.load(run, device=dev)
-    result = evaluate(model, x, y_all=y, k=k, precision=precision, seed=seed, progress=progress)
+    result = evaluate(model, x, y_all=y, k=k, precision=precision, seed=seed, progress=progress,
+                      per_image=scores is not None)
+    per_image = result.pop("nll_per_image", None)
     chosen_by = f"validation -L_{cfg.train.k}" if cfg.train.objective == "iwae" else "validation ELBO"
-    result.update(split=split, binarization=cfg.data.binarize, binarize_seed=cfg.data.binarize_seed, seed=seed,
+    result.update({"split": split} if data is None else {"data": str(data)})
+    result.update(binarization=cfg.data.binarize, binarize_seed=cfg.data.binarize_seed, seed=seed,
                   weights=f"model.safetensors (best epoch by {chosen_by})")
     if y is not None:
         result["note"] = "a conditional model: nll is -log p(x|y), given each image's label"
     if cfg.train.objective == "norm-penalty":
         result["note"] = (f"trained with a norm penalty, not an ELBO: nll is -log p(x) under the implied model "
                           f"z ~ N(0, I), x ~ N(decoder(z), {cfg.model.sigma}^2 I), with N(f(x), I) as the proposal")
-    summary_path = Path(run) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    runs.write_json(summary_path, {**summary, f"{split}_eval": result})
-    write_report(Path(run))
+    if scores is not None:
+        _write_npz(scores, {"nll": per_image.numpy()} if ds.y is None else
+                   {"nll": per_image.numpy(), "y": ds.y.numpy()})
+    if data is None:
+        summary_path = Path(run) / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        runs.write_json(summary_path, {**summary, f"{split}_eval": result})
+        write_report(Path(run))
     if as_json:
         typer.echo(json.dumps(result))
         return
-    typer.echo(f"{split} set, {result['n_images']} images, binarization {cfg.data.binarize} "
-               f"(seed {cfg.data.binarize_seed}); {result.get('estimator', '')}, k = {k}, {precision}")
+    typer.echo(f"{data if data is not None else split + ' set'}, {result['n_images']} images, binarization "
+               f"{cfg.data.binarize} (seed {cfg.data.binarize_seed}); {result.get('estimator', '')}, k = {k}, "
+               f"{precision}")
     for key in ("nll", "nll_stderr", "nelbo", "recon", "kl", "bits_per_dim", "active_units"):
         if key in result:
             value = result[key]
             typer.echo(f"  {key:>13}  {value:.3f}" if isinstance(value, float) else f"  {key:>13}  {value}")
     if "note" in result:
         typer.echo(f"  note: {result['note']}")
+    if scores is not None:
+        typer.echo(f"  per-image -log p(x): {scores}")
 
 
 @app.command()

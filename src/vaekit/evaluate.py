@@ -298,10 +298,10 @@ def default_batch_size(k: int, shape: tuple[int, ...]) -> int:
 
 
 @torch.no_grad()
-def estimate_nll(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Tensor | None = None,
-                 batch_size: int | None = None, precision: str = "fp32", progress: bool = True,
-                 seed: int | None = 0) -> dict:
-    """The test-set mean of −log p̂(x) (log_px with k samples), in nats, with its standard error.
+def nll_per_image(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Tensor | None = None,
+                  batch_size: int | None = None, precision: str = "fp32", progress: bool = True,
+                  seed: int | None = 0) -> torch.Tensor:
+    """−log p̂(x) of each image (log_px with k samples), in nats: (N,) float64 on the CPU.
 
     x_all (N, *shape) may live on the CPU; batches are moved to the model's device.
     The result depends on (seed, k, batch_size), not on how log_px chunks the samples.
@@ -309,7 +309,7 @@ def estimate_nll(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Tens
     _check_k(k)
     n = len(x_all)
     if n == 0:
-        raise ConfigError("estimate_nll needs at least one image; x_all is empty.")
+        raise ConfigError("estimating log p(x) needs at least one image; x_all is empty.")
     device = _device(model)
     batch_size = batch_size or default_batch_size(k, tuple(x_all.shape[1:]))
     parts = []
@@ -320,7 +320,17 @@ def estimate_nll(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Tens
                                 precision=precision).double().cpu())
             bar.update(rows.stop - rows.start)
         bar.close()
-    nll = -torch.cat(parts)
+    return -torch.cat(parts)
+
+
+def estimate_nll(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Tensor | None = None,
+                 batch_size: int | None = None, precision: str = "fp32", progress: bool = True,
+                 seed: int | None = 0, per_image: bool = False) -> dict:
+    """The mean of −log p̂(x) over x_all (nll_per_image), in nats, with its standard error;
+    per_image=True adds the (N,) values themselves as "nll_per_image"."""
+    nll = nll_per_image(model, x_all, k, y_all=y_all, batch_size=batch_size, precision=precision,
+                        progress=progress, seed=seed)
+    n = len(nll)
     return {
         "nll": nll.mean().item(),
         "nll_stderr": _stderr(nll),
@@ -328,6 +338,7 @@ def estimate_nll(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Tens
         "n_images": n,
         "precision": precision,
         "estimator": ESTIMATOR,
+        **({"nll_per_image": nll} if per_image else {}),
     }
 
 
@@ -405,14 +416,15 @@ def bits_per_dim(nll_nats: float, n_dims: int) -> float:
 
 def evaluate(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None, k: int = 5000,
              precision: str = "fp32", batch_size: int | None = None, seed: int | None = 0,
-             progress: bool = True) -> dict:
+             progress: bool = True, per_image: bool = False) -> dict:
     """nll (IS, k samples) with stderr, nelbo/recon/kl, bits/dim, active units, in one dict.
 
     y_all: the labels, needed by a conditional model (whose nll is then −log p(x|y)).
+    per_image: also each image's −log p̂(x), a tensor under "nll_per_image" (estimate_nll).
     """
     n_dims = math.prod(x_all.shape[1:])
     out = estimate_nll(model, x_all, k, y_all=y_all, batch_size=batch_size, precision=precision,
-                       progress=progress, seed=seed)
+                       progress=progress, seed=seed, per_image=per_image)
     out.update(elbo_terms(model, x_all, y_all=y_all, seed=seed))
     count, _ = active_units(model, x_all, y_all=y_all)
     out["bits_per_dim"] = bits_per_dim(out["nll"], n_dims)
