@@ -211,7 +211,7 @@ def test_eval_and_encode_take_other_data_and_score_each_image(tmp_path, npz, cap
 
     assert main(["encode", str(run), "--split", "valid"]) == 0
     assert main(["encode", str(run), "--data", str(same)]) == 0
-    np.testing.assert_array_equal(np.load(run / "codes_same.npz")["z"], np.load(run / "codes_valid.npz")["z"])
+    np.testing.assert_array_equal(np.load(run / "codes_of_same.npz")["z"], np.load(run / "codes_valid.npz")["z"])
 
     # data the model cannot take, or two sources at once: exit 2, a message, nothing written
     small = tmp_path / "small.npz"
@@ -222,7 +222,10 @@ def test_eval_and_encode_take_other_data_and_score_each_image(tmp_path, npz, cap
     assert main(["encode", str(run), "--data", str(same), "--split", "valid", "--out", str(tmp_path / "no.npz")]) == 2
     assert "drop --split" in capsys.readouterr().err
     assert main(["eval", str(run), "--data", str(tmp_path / "missing.npz")]) == 2
-    assert not (tmp_path / "no.npz").exists()
+    before = same.read_bytes()
+    assert main(["eval", str(run), "--data", str(same), "--scores", str(same), "--k", "2"]) == 2
+    assert main(["encode", str(run), "--data", str(same), "--out", str(same)]) == 2
+    assert "is the --data file itself" in capsys.readouterr().err and same.read_bytes() == before
 
 
 def test_a_run_finds_its_data_from_any_folder_and_defaults_to_the_split_it_has(tmp_path, npz, monkeypatch):

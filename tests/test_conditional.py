@@ -153,6 +153,33 @@ def test_cli_conditional_sample_takes_the_class_names_of_an_image_folder(tmp_pat
     codes = np.load(tmp_path / "codes.npz")
     assert codes["classes"].tolist() == ["bottom", "left", "top"] and set(codes["y"].tolist()) <= {0, 1, 2}
 
+    # other data in class subfolders is matched to the model's classes by name, not by its own order
+    (tmp_path / "shapes" / "bottom").rename(tmp_path / "aside")  # left, top: its own labels 0, 1
+    assert main(["encode", str(run), "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "new.npz")]) == 0
+    new = np.load(tmp_path / "new.npz")
+    assert set(new["y"].tolist()) == {1, 2} and new["classes"].tolist() == ["bottom", "left", "top"]
+    from vaekit.data import load_path
+    from vaekit.train import eval_set
+
+    cfg = runs.load_config(run)
+    x = eval_set(load_path(tmp_path / "shapes"), cfg.data)  # its own labels: left 0, top 1
+    model = runs.load(run)
+    for model_label in (1, 2):
+        rows = torch.from_numpy(new["y"] == model_label)
+        np.testing.assert_allclose(new["z"][rows.numpy()], generate.encode_mean(
+            model, x[rows], y=torch.full((int(rows.sum()),), model_label)).numpy(), rtol=1e-6, atol=1e-6)
+    wrong = generate.encode_mean(model, x[torch.from_numpy(new["y"] == 1)], y=torch.zeros(int((new["y"] == 1).sum()),
+                                                                                          dtype=torch.long))
+    assert not np.allclose(new["z"][new["y"] == 1], wrong.numpy(), atol=1e-3)  # numbered by the folder: other codes
+    (tmp_path / "shapes" / "right").mkdir()
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "shapes" / "right" / "0.png")
+    capsys.readouterr()
+    assert main(["encode", str(run), "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "no.npz")]) == 2
+    assert "subfolders right are none of this model's classes (bottom, left, top)" in capsys.readouterr().err
+    np.savez(tmp_path / "unlabelled.npz", x=np.zeros((4, 6, 6), np.uint8))
+    assert main(["eval", str(run), "--data", str(tmp_path / "unlabelled.npz"), "--k", "2"]) == 2
+    assert "has no labels, and this conditional model" in capsys.readouterr().err
+
 
 def test_class_names_must_fit_the_classes():
     with pytest.raises(ConfigError, match="3 names for n_classes = 2"):

@@ -337,7 +337,8 @@ def train(
         if splits.train.y is None:
             raise DataError(f"--conditional needs labels, and {cfg.data.source} has none (an .npz needs a 'y' "
                             "array; an image folder, one subfolder per class).")
-        cfg = cfg.replace(model={"n_classes": max(2, int(splits.train.y.max()) + 1)})
+        named = splits.train.classes  # an image folder: every subfolder is a class, even one --subset leaves out
+        cfg = cfg.replace(model={"n_classes": max(2, len(named) if named else int(splits.train.y.max()) + 1)})
     for ds in (splits.train, splits.valid):
         labels_for(ds, cfg.model)  # a conditional model: labels present and in range, before anything is written
     if cfg.model.n_classes and splits.train.classes and not resume:
@@ -384,7 +385,8 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None, data: O
         if split is not None:
             raise ConfigError("--data and --split both given: --data brings its own examples, so drop --split.")
         ds = _new_data(cfg, data)
-        return cfg, (ds if limit is None else ds.take(slice(0, limit))), Path(data).stem
+        name = "of_" + Path(data).expanduser().resolve().stem  # codes_of_NAME.npz: no split's file is overwritten
+        return cfg, (ds if limit is None else ds.take(slice(0, limit))), name
     source = cfg.data.source
     if source != "mnist" and not Path(source).expanduser().exists():
         raise ConfigError(f"{run} was trained on '{source}', which is not found from here (a relative path is "
@@ -401,6 +403,12 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None, data: O
     return cfg, ds, split
 
 
+def _not_the_input(out: Optional[Path], data: Optional[Path]) -> None:
+    """ConfigError if an output file is the --data file itself (writing would replace the data)."""
+    if out is not None and data is not None and out.expanduser().resolve() == Path(data).expanduser().resolve():
+        raise ConfigError(f"{out} is the --data file itself; write the results to another file.")
+
+
 def _write_npz(path: Path, arrays: dict) -> None:
     """numpy arrays to an .npz, whole or not at all (its folder made if missing)."""
     import numpy as np
@@ -415,7 +423,10 @@ def _write_npz(path: Path, arrays: dict) -> None:
 
 
 def _new_data(cfg: RunConfig, data: Path):
-    """The examples of a file or folder other than the run's own, if the model can take them."""
+    """The examples of a file or folder other than the run's own, if the model can take them; class
+    subfolders are numbered as the model numbers its classes (by name)."""
+    from dataclasses import replace
+
     from vaekit.data import check_unit_range, load_path
 
     ds = load_path(Path(data).expanduser())
@@ -424,7 +435,23 @@ def _new_data(cfg: RunConfig, data: Path):
                         f"{list(cfg.model.input_shape)}, the shape of the data it was trained on.")
     if cfg.model.likelihood == "bernoulli":
         check_unit_range(ds)
-    return ds
+    if not cfg.model.n_classes:
+        return ds
+    if ds.y is None:
+        raise DataError(f"{data} has no labels, and this conditional model takes each example with its label: "
+                        "give them (a 'y' array in an .npz, or one subfolder per class).")
+    if ds.classes is None:
+        return ds
+    names = cfg.model.class_names
+    if not names:
+        raise DataError(f"{data} names its classes by its subfolders, and this run's config.json records no class "
+                        "names to match them to; give the examples as an .npz with a 'y' array of class numbers.")
+    unknown = [c for c in ds.classes if c not in names]
+    if unknown:
+        raise DataError(f"{data}: subfolders {', '.join(unknown)} are none of this model's classes "
+                        f"({', '.join(names)}).")
+    number = torch.tensor([names.index(c) for c in ds.classes])  # the folder's label i is the model's number[i]
+    return replace(ds, y=number[ds.y], classes=names)
 
 
 def _eval_images(run: Path, split: Optional[str], limit: Optional[int] = None):
@@ -440,13 +467,13 @@ def _class_number(model: ModelConfig, label: str | None) -> int | str | None:
     """--label as a class number: a name the model's classes were given, or a number as it is."""
     if label is None or not model.n_classes:
         return label  # a model without classes refuses any label (generate.sample says so)
-    if label in model.class_names:
+    if label in model.class_names:  # a name wins over a number: subfolders 1, 2, 3 are classes 0, 1, 2
         return model.class_names.index(label)
     try:
         return int(label)
     except ValueError:
         named = f"or one of its classes' names: {', '.join(model.class_names)}" if model.class_names else \
-            "(its classes have no names: the data it was trained on did not name them)"
+            "(this run's config.json records no class names)"
         raise ConfigError(f"--label {label!r}: give a class number 0..{model.n_classes - 1} {named}.") from None
 
 
@@ -455,8 +482,9 @@ def sample(
     run: Path = typer.Argument(..., help="Run directory."),
     n: int = typer.Option(64, "--n", help="How many samples."),
     seed: int = typer.Option(0, "--seed"),
-    label: Optional[str] = typer.Option(None, "--label", help="Conditional models: the class to draw, by "
-                                        "number or by its name (default: every class in turn)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Conditional models: the class to draw, by its "
+                                        "name (an image folder's subfolder) or number; a name wins (default: every "
+                                        "class in turn)."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/samples.png)."),
 ) -> None:
     """Decode z ~ N(0, I) into a grid of images."""
@@ -493,10 +521,10 @@ def encode(
     run: Path = typer.Argument(..., help="Run directory."),
     split: Optional[str] = typer.Option(None, "--split", help="train, valid or test: the images to encode "
                                         + _DEFAULT_SPLIT),
-    data: Optional[Path] = typer.Option(None, "--data", help="Encode this file or folder (as `train --data` "
-                                        "takes) instead of the run's own data."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Encode this file or folder (.npz, .npy, IDX, "
+                                        "image folder) instead of the run's own data."),
     out: Optional[Path] = typer.Option(None, "--out", help=".npz to write (default RUN/codes_SPLIT.npz, or "
-                                       "RUN/codes_NAME.npz for --data NAME.npz)."),
+                                       "RUN/codes_of_NAME.npz for --data NAME.npz)."),
 ) -> None:
     """Encode a split of the run's data, or other data, to the means of q(z|x), written as an .npz.
 
@@ -512,6 +540,7 @@ def encode(
 
     model = runs.load(run)
     path = _out_file(out, ".npz")
+    _not_the_input(path, data)
     cfg, ds, split = _split(run, split, data=data)
     path = path or Path(run) / f"codes_{split}.npz"
     parts = [ds] if not ds.streamed else [  # a streamed split need not fit in memory at once
@@ -569,8 +598,8 @@ def eval_(
     run: Path = typer.Argument(..., help="Run directory."),
     k: int = typer.Option(5000, "--k", help="Importance samples per image (the field's protocol: 5000)."),
     split: Optional[str] = typer.Option(None, "--split", help="valid or test " + _DEFAULT_SPLIT),
-    data: Optional[Path] = typer.Option(None, "--data", help="Score this file or folder (as `train --data` "
-                                        "takes) instead of a split of the run's data; the run is left as it is."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Score this file or folder (.npz, .npy, IDX, image "
+                                        "folder) instead of a split of the run's data; the run is left as it is."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
     scores: Optional[Path] = typer.Option(None, "--scores", help="Also write each image's -log p(x) to this "
                                           ".npz (array nll, in the data's order; y too when there are labels)."),
@@ -600,7 +629,13 @@ def eval_(
     if k < 1 or (limit is not None and limit < 1):
         raise VaekitError("--k and --limit must be at least 1.")
     scores = _out_file(scores, ".npz")
+    _not_the_input(scores, data)
     cfg, ds, split = _split(run, split, limit, data)
+    if ds.streamed:  # only other data can be: a run's valid and test splits are read into memory
+        if limit is None:
+            raise DataError(f"{data} is larger than memory, and eval holds the examples it scores in memory; "
+                            "score its first N with --limit N, or split the file.")
+        ds = ds.in_memory()
     x, y = eval_set(ds, cfg.data), labels_for(ds, cfg.model)  # y: a conditional model's labels
     model = runs.load(run, device=dev)
     result = evaluate(model, x, y_all=y, k=k, precision=precision, seed=seed, progress=progress,
