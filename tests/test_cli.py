@@ -212,6 +212,14 @@ def test_eval_and_encode_take_other_data_and_score_each_image(tmp_path, npz, cap
     assert main(["encode", str(run), "--split", "valid"]) == 0
     assert main(["encode", str(run), "--data", str(same)]) == 0
     np.testing.assert_array_equal(np.load(run / "codes_of_same.npz")["z"], np.load(run / "codes_valid.npz")["z"])
+    assert main(["reconstruct", str(run), "--data", str(same), "--n", "4", "--out", str(tmp_path / "r.png")]) == 0
+    assert main(["interpolate", str(run), "0", "29", "--data", str(same), "--out", str(tmp_path / "i.png")]) == 0
+    assert main(["reconstruct", str(run), "--split", "valid", "--n", "4", "--out", str(tmp_path / "rv.png")]) == 0
+    assert (tmp_path / "r.png").read_bytes() == (tmp_path / "rv.png").read_bytes()  # the same images, the same figure
+    assert (tmp_path / "i.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["interpolate", str(run), "0", "30", "--data", str(same)]) == 2
+    assert f"image B = 30 is out of range: {same} has 30 images" in capsys.readouterr().err
 
     # data the model cannot take, or two sources at once: exit 2, a message, nothing written
     small = tmp_path / "small.npz"

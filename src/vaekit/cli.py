@@ -454,12 +454,12 @@ def _new_data(cfg: RunConfig, data: Path):
     return replace(ds, y=number[ds.y], classes=names)
 
 
-def _eval_images(run: Path, split: Optional[str], limit: Optional[int] = None):
-    """(config, images, labels, split name) of a run's split, binarized as evaluation does; labels only for
-    a conditional model."""
+def _eval_images(run: Path, split: Optional[str], limit: Optional[int] = None, data: Optional[Path] = None):
+    """(config, images, labels, split name) of a run's split (or of other data), binarized as evaluation
+    does; labels only for a conditional model."""
     from vaekit.train import eval_set, labels_for
 
-    cfg, ds, split = _split(run, split, limit)
+    cfg, ds, split = _split(run, split, limit, data)
     return cfg, eval_set(ds, cfg.data), labels_for(ds, cfg.model), split
 
 
@@ -503,6 +503,8 @@ def reconstruct(
     run: Path = typer.Argument(..., help="Run directory."),
     n: int = typer.Option(8, "--n", help="How many images."),
     split: Optional[str] = typer.Option(None, "--split", help="train, valid or test " + _DEFAULT_SPLIT),
+    data: Optional[Path] = typer.Option(None, "--data", help="Images from this file or folder (.npz, .npy, "
+                                        "IDX, image folder) instead of the run's own data."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/reconstructions.png)."),
 ) -> None:
     """Show images above their reconstructions."""
@@ -511,7 +513,7 @@ def reconstruct(
     _check_count(n, 256, "pairs a readable figure holds")
     model = runs.load(run)
     path = _out_file(out, ".png") or Path(run) / "reconstructions.png"
-    _, x, y, _ = _eval_images(run, split, limit=n)
+    _, x, y, _ = _eval_images(run, split, limit=n, data=data)
     _save_figures(path.parent, {path.name: plots.reconstructions(x, generate.reconstruct(model, x, y))})
     typer.echo(str(path))
 
@@ -561,6 +563,8 @@ def interpolate(
     a: int = typer.Argument(..., help="Index of the first image in the split."),
     b: int = typer.Argument(..., help="Index of the second image in the split."),
     split: Optional[str] = typer.Option(None, "--split", help="train, valid or test " + _DEFAULT_SPLIT),
+    data: Optional[Path] = typer.Option(None, "--data", help="Images from this file or folder (.npz, .npy, "
+                                        "IDX, image folder) instead of the run's own data."),
     steps: int = typer.Option(10, "--steps", help="Points on the line, ends included."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/interpolation_A_B.png)."),
 ) -> None:
@@ -572,16 +576,18 @@ def interpolate(
         raise ConfigError(f"--steps must be between 2 and 100; got {steps}.")
     model = runs.load(run)
     path = _out_file(out, ".png") or Path(run) / f"interpolation_{a}_{b}.png"
-    cfg, ds, split = _split(run, split)
+    cfg, ds, split = _split(run, split, data=data)
+    source = f"the {split} split" if data is None else str(data)
     for name, i in (("A", a), ("B", b)):
         if not 0 <= i < len(ds):
-            raise ConfigError(f"image {name} = {i} is out of range: the {split} split has {len(ds)} images "
+            raise ConfigError(f"image {name} = {i} is out of range: {source} has {len(ds)} images "
                               f"(0 to {len(ds) - 1}).")
     pair = ds.take(torch.tensor([a, b]))
     x, y = eval_set(pair, cfg.data), labels_for(pair, cfg.model)
     strip = generate.interpolate(model, x[:1], x[1:], steps=steps,
                                  y_a=None if y is None else y[:1], y_b=None if y is None else y[1:])
-    title = f"Interpolation between {split} images {a} and {b} (decoded along a line between posterior means)"
+    title = (f"Interpolation between {split if data is None else Path(data).name} images {a} and {b} "
+             "(decoded along a line between posterior means)")
     _save_figures(path.parent, {path.name: plots.interpolations(strip, title=title)})
     typer.echo(str(path))
 
