@@ -374,7 +374,7 @@ _DEFAULT_SPLIT = "(default: test if the data has one, else valid)."
 def _split(run: Path, split: Optional[str], limit: Optional[int] = None, data: Optional[Path] = None):
     """(config, data set, split name) of a split of a run's data; split None: test if there is one, else valid.
 
-    data: instead, the examples of that file or folder (named by its stem), checked against the model.
+    data: instead, the examples of that file or folder, checked against the model, named "of_" + its stem.
     """
     from vaekit.data import load_splits
 
