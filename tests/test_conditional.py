@@ -181,6 +181,17 @@ def test_cli_conditional_sample_takes_the_class_names_of_an_image_folder(tmp_pat
     assert "has no labels, and this conditional model" in capsys.readouterr().err
 
 
+def test_a_label_is_a_class_name_first_then_a_number():
+    from vaekit.cli import _class_number
+
+    named = ModelConfig(n_classes=3, class_names=("1", "2", "3"))  # subfolders named by numbers
+    assert [_class_number(named, s) for s in ("1", "2", "3", "0")] == [0, 1, 2, 0]
+    assert _class_number(ModelConfig(n_classes=3), "2") == 2
+    with pytest.raises(ConfigError, match="records no class names"):
+        _class_number(ModelConfig(n_classes=3), "cat")
+    assert _class_number(ModelConfig(), "cat") == "cat"  # generate.sample refuses it: the model takes no label
+
+
 def test_class_names_must_fit_the_classes():
     with pytest.raises(ConfigError, match="3 names for n_classes = 2"):
         ModelConfig(n_classes=2, class_names=("a", "b", "c")).check()
