@@ -331,8 +331,8 @@ def test_grad_samples_needs_dreg_and_a_count():
         TrainConfig(objective="iwae", k=50, dreg=True, grad_samples=-1).check()
 
 
-def test_iwae_with_grad_samples_takes_the_sparse_backward_pass_only_below_k():
-    """grad_samples < k: the sparse pass (a different gradient, the same loss); ≥ k, or no graph: iwae as it is."""
+def test_iwae_with_grad_samples_takes_the_thinned_backward_pass_only_below_k():
+    """grad_samples < k: the thinned pass (a different gradient, the same loss); ≥ k, or no graph: iwae as it is."""
     torch.manual_seed(0)
     model = tiny()
     x = torch.rand(3, 1, 4, 5).bernoulli()
@@ -396,14 +396,17 @@ def test_samples_from_noise_are_rsamples_and_a_subset_of_the_noise_gives_that_su
     """draw_noise + from_noise give, for one seed, what torch.distributions gives part by part
     (q(z1|x), then q(z2|z1); for the prior p(z2), then p(z1|z2)); a subset of the noise gives
     the same samples with the same gradients as picking them from those."""
-    from vaekit.distributions import GaussianChain, draw_noise, from_noise
+    from vaekit.distributions import GaussianChain, draw_noise, from_noise, noise_drawer
 
     torch.manual_seed(0)
     model = tiny(**DREG_ARCHS[arch])
-    q = model.encode(torch.rand(4, 1, 4, 5).bernoulli())
+    x = torch.rand(4, 1, 4, 5).bernoulli()
+    q = model.encode(x)
     k = 6
     torch.manual_seed(1)
     eps = draw_noise(q, (k,))
+    torch.manual_seed(1)  # a drawer made from another batch's q draws the same for this one
+    assert torch.equal(noise_drawer(model.encode(x[:1]))((k, 4)), eps)
     z = from_noise(q, eps)
     torch.manual_seed(1)
     if isinstance(q, GaussianChain):
@@ -464,12 +467,12 @@ def test_grad_samples_with_a_frozen_encoder_trains_the_decoder_exactly():
 
 @pytest.mark.parametrize("beta", [1.0, 0.3])
 @pytest.mark.parametrize("arch", DREG_ARCHS)
-def test_sparse_iwae_keeps_the_loss_and_the_expected_gradient(arch, beta):
+def test_thinned_dreg_keeps_the_loss_and_the_expected_gradient(arch, beta):
     """grad_samples = 2 of k = 8 (a quarter of the backward pass): for the same draw of z, the
     loss is the full −L_k and the gradient averaged over 600 draws of the subset is DReG's full
     gradient, within Monte Carlo error, for encoder and decoder alike."""
     from vaekit.distributions import draw_noise
-    from vaekit.objectives import dreg_terms, noise_terms, sparse_iwae
+    from vaekit.objectives import dreg_from_noise
 
     torch.manual_seed(0)
     model = tiny(**DREG_ARCHS[arch])
@@ -482,7 +485,7 @@ def test_sparse_iwae_keeps_the_loss_and_the_expected_gradient(arch, beta):
         q = model.encode(x)
         eps = draw_noise(q, (k,))  # the same z every time
         torch.manual_seed(seed)  # a new subset
-        return sparse_iwae(model, x, None, q, eps, beta, 2, dreg_terms, noise_terms)
+        return dreg_from_noise(model, x, None, eps, None, beta, 2, q=q)
 
     # the full DReG gradient for this z, through iwae itself (same seed, so the same z)
     model.zero_grad(set_to_none=True)
@@ -502,3 +505,76 @@ def test_sparse_iwae_keeps_the_loss_and_the_expected_gradient(arch, beta):
     se = (g.var(0) / len(g)).sqrt()
     z_score = (g.mean(0) - g_full) / (se + 1e-6 * g_full.abs().max())
     assert z_score.abs().max() < 5
+
+
+@pytest.mark.parametrize("k", [1, 6])
+@pytest.mark.parametrize("beta", [1.0, 0.3])
+@pytest.mark.parametrize("arch", DREG_ARCHS)
+def test_dreg_from_noise_with_every_sample_is_iwaes_dreg(arch, beta, k):
+    """dreg_from_noise (what --compile trains with: DReG's reweighting as an autograd function,
+    not a hook) with m = k: the loss and every gradient of iwae(dreg=True) for the same z, and
+    the encoder's gradient is not plain IWAE's (at k = 1 it lacks the score term: sticking the landing)."""
+    from vaekit.distributions import draw_noise
+    from vaekit.objectives import dreg_from_noise
+
+    torch.manual_seed(0)
+    model = tiny(**DREG_ARCHS[arch])
+    x = torch.rand(4, 1, 4, 5).bernoulli()
+
+    def run(f):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        parts = f()
+        parts.loss.sum().backward()
+        return parts, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    hooked, g_hook = run(lambda: iwae(model, x, k, beta=beta, dreg=True))
+    plain, g_plain = run(lambda: iwae(model, x, k, beta=beta))
+    fused, g_fused = run(lambda: dreg_from_noise(model, x, None, draw_noise(model.encode(x), (k,)), None, beta, k))
+    for got, want in zip(fused, hooked):
+        torch.testing.assert_close(got, want)
+    assert g_fused.keys() == g_hook.keys()
+    for name in g_hook:
+        torch.testing.assert_close(g_fused[name], g_hook[name], rtol=1e-5, atol=1e-6)
+    encoder = [n for n in g_hook if n.startswith(("encoder", "q_z"))]
+    assert encoder and all(not torch.allclose(g_plain[n], g_hook[n]) for n in encoder)
+
+
+@pytest.mark.parametrize("m", [0, 2])
+@pytest.mark.parametrize("arch", [*DREG_ARCHS, "conditional"])
+def test_the_compiled_dreg_step_draws_and_computes_what_eager_iwae_does(arch, m, monkeypatch):
+    """The step `--compile` trains with dreg (train.compiled_loss: the noise drawn outside the
+    graph, then objectives.dreg_from_noise), run here with torch.compile as the identity: for
+    one seed it draws the same random numbers as eager iwae(dreg=True) and gives its loss and
+    gradients; bit for bit when thinned (the same code on the same numbers), to float rounding
+    with every sample (eager scales the gradient by a hook there)."""
+    from contextlib import nullcontext
+
+    from vaekit import train
+    from vaekit.config import TrainConfig
+
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    torch.manual_seed(0)
+    model = tiny(**({"n_classes": 3} if arch == "conditional" else DREG_ARCHS[arch]))
+    x = torch.rand(4, 1, 4, 5).bernoulli()
+    y = torch.tensor([0, 2, 1, 2]) if arch == "conditional" else None
+    tc = TrainConfig(objective="iwae", k=6, dreg=True, grad_samples=m)
+    fn = train.compiled_loss(model, x, y, tc, nullcontext())
+    beta = torch.tensor(0.6)
+
+    def run(loss):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        parts = loss()
+        parts.loss.sum().backward()
+        return parts, {n: p.grad.clone() for n, p in model.named_parameters()}, torch.rand(3)
+
+    got, g_got, next_got = run(lambda: fn(model, x, y, beta, tc))
+    want, g_want, next_want = run(lambda: iwae(model, x, 6, y, beta=beta, dreg=True, grad_samples=m))
+    assert torch.equal(next_got, next_want)  # as many random numbers drawn
+    assert g_got.keys() == g_want.keys()
+    for a, b in [*zip(got, want), *((g_got[n], g_want[n]) for n in g_want)]:
+        if m:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -369,15 +369,18 @@ def test_dreg_changes_the_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_dreg_training_matches_eager(tmp_path):
-    """--compile with dreg compiles the decoder and log q and keeps DReG's hook on z: the same
-    training as eager DReG up to float rounding, and not plain IWAE's."""
+@pytest.mark.parametrize("grad_samples", [0, 2])
+def test_compiled_dreg_training_matches_eager(tmp_path, grad_samples):
+    """--compile with dreg compiles the whole step (objectives.dreg_from_noise, DReG's
+    reweighting without a hook), with or without grad_samples: the same training as eager DReG
+    up to float rounding (the same random numbers, drawn in the same order), and not plain IWAE's."""
     iw = {"objective": "iwae", "k": 4, "epochs": 2}
     plain = fit(build(toy_config(**iw).model, seed=0), toy_config(**iw), toy_splits(), None, progress=False)
-    eager = fit(build(toy_config(**iw).model, seed=0), toy_config(**iw, dreg=True), toy_splits(), None, progress=False)
+    dreg = {"dreg": True, "grad_samples": grad_samples}
+    eager = fit(build(toy_config(**iw).model, seed=0), toy_config(**iw, **dreg), toy_splits(), None, progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = fit(build(toy_config(**iw).model, seed=0), toy_config(**iw, dreg=True, compile=True), toy_splits(),
+        compiled = fit(build(toy_config(**iw).model, seed=0), toy_config(**iw, **dreg, compile=True), toy_splits(),
                        None, progress=False)
     assert not [w for w in caught if "--compile" in str(w.message)], "it fell back to eager: nothing was compiled"
     for p, a, b in zip(plain, eager, compiled):

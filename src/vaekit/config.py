@@ -116,7 +116,7 @@ class TrainConfig:
     warmup_steps: int = 0  # β rises linearly from 0 over this many steps of batch_size examples (KL warm-up)
     dreg: bool = False  # IWAE only: the doubly reparameterized encoder gradient (Tucker et al. 2019)
     # with dreg: backpropagate through this many of the k samples per example, drawn by their weight and
-    # reweighted so that the gradient stays unbiased (objectives.sparse_iwae); 0: all k. Not in the k_start epochs.
+    # reweighted so that the gradient stays unbiased (objectives.dreg_from_noise); 0: all k. Not in the k_start epochs.
     grad_samples: int = 0
     free_bits: float = 0.0  # nats: a floor on each latent dimension's KL in the loss (Kingma et al. 2016)
     lr_schedule: Literal["constant", "cosine"] = "constant"

@@ -94,13 +94,19 @@ def draw_noise(d: Distribution, sample_shape=torch.Size()) -> torch.Tensor:
     draws, in the order a chain samples (its first part, then its second), so in eager mode one
     seed gives the z it gave before these helpers existed (our conditionals draw no random numbers).
     For a diagonal Gaussian or a GaussianChain of them; anything else raises ConfigError."""
-    shape = torch.Size(sample_shape) + d.batch_shape
+    return noise_drawer(d)(torch.Size(sample_shape) + d.batch_shape)
+
+
+def noise_drawer(d: Distribution) -> Callable[[tuple[int, ...]], torch.Tensor]:
+    """A function of a shape S that draws what draw_noise would for any distribution built like d
+    (the same kind, event sizes, dtype and device) whose sample and batch shapes together are S:
+    a batch's noise without encoding the batch first (compiled training draws it outside its graph)."""
     if isinstance(d, GaussianChain):
-        first = draw_noise(d.first, sample_shape)
-        second = torch.randn(shape + (d.d_second,), dtype=first.dtype, device=first.device)
-        return d._join(first, second)
-    base = _diag_normal_base(d)
-    return torch.randn(shape + d.event_shape, dtype=base.loc.dtype, device=base.loc.device)
+        first, base = noise_drawer(d.first), _diag_normal_base(d.first)
+        return lambda shape: d._join(first(shape), torch.randn(*shape, d.d_second, dtype=base.loc.dtype,
+                                                                device=base.loc.device))
+    base, event = _diag_normal_base(d), d.event_shape
+    return lambda shape: torch.randn(torch.Size(shape) + event, dtype=base.loc.dtype, device=base.loc.device)
 
 
 def from_noise(d: Distribution, eps: torch.Tensor) -> torch.Tensor:

@@ -135,7 +135,7 @@ class IwaeParts(NamedTuple):
 
 def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
          beta: float | torch.Tensor = 1.0, dreg: bool = False, terms: Callable | None = None,
-         grad_samples: int = 0, all_terms: Callable | None = None) -> IwaeParts:
+         grad_samples: int = 0) -> IwaeParts:
     """The IWAE objective with k samples; distortion + rate is the k-sample average ELBO (≥ −L_k).
 
     beta ≠ 1 weights log p(z) − log q(z|x) inside each log-weight, as β weights the KL in the
@@ -150,22 +150,19 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     variance: the plain IWAE encoder gradient gets noisier as k grows (Rainforth et al. 2018).
     The decoder's gradient is unchanged. The hook is on z, so it shapes the gradient of whatever
     is backpropagated from this call: backpropagate ``loss`` only (training does). The encoder
-    is run again for log q (and with grad_samples once more for the forward pass over all k),
-    so it must be deterministic (no dropout; none of ours has it).
+    is run again for log q, so it must be deterministic (no dropout; none of ours has it).
+    `--compile` trains with dreg through dreg_from_noise instead, which needs no hook.
 
-    terms: what computes dreg_terms (the default), e.g. torch.compile(dreg_terms), which is how
-    `--compile` trains with dreg: the hook stays on z, outside the compiled graph.
+    terms: what computes dreg_terms (the default) when every sample gets a backward pass, e.g.
+    a compiled or an older version of it (bench/iwae_step.py times them); unused with grad_samples.
 
     grad_samples (with dreg, when q has a graph; 0: all): backpropagate through this many of
-    each example's k samples, drawn by their weights, not all of them; see sparse_iwae.
+    each example's k samples, drawn by their weights, not all of them; see dreg_from_noise.
     ``loss`` keeps its value. q must then be a diagonal Gaussian or a GaussianChain of them.
-    terms then computes the drawn samples' terms only; all_terms computes the forward pass
-    over all k: noise_terms (the default), or e.g. torch.compile(noise_terms).
     """
     q = encode(model, x, y)
     if dreg and 0 < grad_samples < k and has_graph(q):
-        return sparse_iwae(model, x, y, q, draw_noise(q, (k,)), beta, grad_samples, terms or dreg_terms,
-                           all_terms or noise_terms)
+        return dreg_from_noise(model, x, y, draw_noise(q, (k,)), None, beta, grad_samples, q=q)
     z = q.rsample((k,))  # (k, B, D)
     dreg = dreg and z.requires_grad
     if dreg:
@@ -186,45 +183,65 @@ def _dreg_reweight(z: torch.Tensor, w: torch.Tensor, beta: float | torch.Tensor)
     z.register_hook(lambda g: g * scale)
 
 
-def sparse_iwae(model, x: torch.Tensor, y: torch.Tensor | None, q: Distribution, eps: torch.Tensor,
-                beta: float | torch.Tensor, m: int, terms: Callable, all_terms: Callable) -> IwaeParts:
-    """iwae with dreg whose backward pass runs through m of each example's k samples, those of
-    the standard-normal noise eps (k, B, D) under q = q(z|x) (vaekit.distributions.from_noise).
+class _ScaleGrad(torch.autograd.Function):
+    """z as it is, forward; the gradient that reaches it times ``scale``, backward. DReG's
+    reweighting (_dreg_reweight's hook) as a function, which torch.compile traces into its
+    forward and backward graphs (a hook on a tensor inside a compiled graph it does not apply)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+def dreg_from_noise(model, x: torch.Tensor, y: torch.Tensor | None, eps: torch.Tensor, u: torch.Tensor | None,
+                    beta: float | torch.Tensor, m: int, q: Distribution | None = None) -> IwaeParts:
+    """iwae with dreg at the samples z of q(z|x) whose standard-normal noise is eps (k, B, D),
+    with the backward pass through m of each example's k samples (m ≥ k: all of them). Plain
+    tensor code, which `--compile` compiles whole, forward and backward; iwae calls it for
+    grad_samples. u (B, 1): the uniform offsets of the draw of the m samples (None: drawn here).
+    q: q(z|x), if the caller has it; else it is encoded here.
 
     The gradient of L_k is Σ_i w̃_i ∇ log w_i (the encoder's share reweighted by DReG), and
     the normalised weights w̃ of a trained model are very uneven: a few samples carry nearly
     all of it. So all k log-weights of an example are computed without a graph (the forward
-    pass, which the bound's value needs anyway; all_terms, from the noise), and the backward
-    pass runs through m of them only, drawn without replacement with inclusion probability
-    π_i = min(1, w̃_i/τ), τ set so that Σ_i π_i = m (every sample with w̃_i ≥ τ is certain to
-    be in). Each drawn sample is weighted by w̃_i/π_i (Horvitz & Thompson 1952), so the
-    gradient is unbiased: its expectation over the draw is the full gradient, for these z.
-    The loss value is the full −L_k. Only the drawn samples are made again with a graph, from
-    their noise, so everything that needs a backward pass (sampling, q(z2|z1) of a two-layer
-    q, the decoder) runs on m samples an example, not k.
+    pass, which the bound's value needs anyway), and the backward pass runs through m of them
+    only, drawn without replacement with inclusion probability π_i = min(1, w̃_i/τ), τ set so
+    that Σ_i π_i = m (every sample with w̃_i ≥ τ is certain to be in). Each drawn sample is
+    weighted by w̃_i/π_i (Horvitz & Thompson 1952), so the gradient is unbiased: its
+    expectation over the draw is the full gradient, for these z. The loss value is the full
+    −L_k. Only the drawn samples are made again with a graph, from their noise, so everything
+    that needs a backward pass (sampling, q(z2|z1) of a two-layer q, the decoder) runs on m
+    samples an example, not k. With m ≥ k every sample is made again (w̃_i/π_i = w̃_i), so
+    the forward pass runs twice; at k = 1 there is no weight to find first, and it runs once.
+    q must be a diagonal Gaussian or a GaussianChain of them. Unlike iwae, this thins the
+    backward pass even when no graph reaches z (an encoder with every parameter frozen); the
+    decoder's gradient is then unbiased, not exact.
     """
     k = eps.shape[0]
+    q = encode(model, x, y) if q is None else q
+    if k == 1:  # w̃ = 1: the sample's gradient as it is, "sticking the landing"
+        log_px_z, log_ratio = dreg_terms(model, x, y, from_noise(q, eps), q)
+        return IwaeParts(-log_px_z[0], -log_ratio[0], -(log_px_z + beta * log_ratio)[0])
     with torch.no_grad():
-        log_px_z, log_ratio = all_terms(model, x, y, eps)  # (k, B) each, no graph
+        log_px_z, log_ratio = _terms(model, x, y, q, from_noise(q, eps))  # (k, B) each, no graph
     log_w = log_px_z + beta * log_ratio
     w = torch.softmax(log_w, dim=0)
-    picked, ht = horvitz_thompson_draw(w, m)  # (m, B) each
-    z = from_noise(q, eps.gather(0, picked.unsqueeze(-1).expand(-1, -1, eps.shape[-1])))  # (m, B, D), with a graph
-    lp, lr = terms(model, x, y, z)
-    if z.requires_grad:  # no graph reaches z when q's parameters are all frozen
-        _dreg_reweight(z, w.gather(0, picked), beta)
+    if m < k:
+        picked, ht = horvitz_thompson_draw(w, m, u)  # (m, B) each
+        eps, w_drawn = eps.gather(0, picked.unsqueeze(-1).expand(-1, -1, eps.shape[-1])), w.gather(0, picked)
+    else:
+        ht = w_drawn = w
+    z = _ScaleGrad.apply(from_noise(q, eps), ((1 - beta) + beta * w_drawn).unsqueeze(-1))  # (m, B, D), with a graph
+    lp, lr = dreg_terms(model, x, y, z, q)
     surrogate = -(ht * (lp + beta * lr)).sum(0)  # (B,)
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
     return IwaeParts(-log_px_z.mean(0), -log_ratio.mean(0), -bound + (surrogate - surrogate.detach()))
-
-
-def noise_terms(model, x: torch.Tensor, y: torch.Tensor | None,
-                eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x|z) and log p(z) − log q(z|x), each (k, B), at the samples z of q(z|x) whose noise is
-    eps (k, B, D): sparse_iwae's forward pass over all k samples, which `--compile` compiles.
-    For use without a graph (it does not hold q's parameters fixed)."""
-    q = encode(model, x, y)
-    return _terms(model, x, y, q, from_noise(q, eps))
 
 
 def _terms(model, x: torch.Tensor, y: torch.Tensor | None, q: Distribution,
@@ -233,10 +250,10 @@ def _terms(model, x: torch.Tensor, y: torch.Tensor | None, q: Distribution,
     return decode(model, z, y).log_prob(x), model.prior().log_prob(z) - q.log_prob(z)
 
 
-def horvitz_thompson_draw(w: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def horvitz_thompson_draw(w: torch.Tensor, m: int, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each column of w (k, B), weights ≥ 0: m distinct row indices, row i drawn with
     probability π_i = min(1, w_i/τ), where τ (one per column) makes Σ_i π_i = m; and each drawn
-    row's w_i/π_i. Both (m, B).
+    row's w_i/π_i. Both (m, B). u (B, 1): the draw's uniform offsets in [0, 1) (None: drawn here).
 
     τ by water-filling: with a column sorted, its j largest weights are certain and the rest
     share the m − j other draws; j is the first count for which the (j+1)-th largest weight fits
@@ -255,9 +272,10 @@ def horvitz_thompson_draw(w: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.
     tau_j = rest / torch.arange(m, 0, -1, device=w.device, dtype=w.dtype).unsqueeze(1)
     tau = tau_j.gather(0, (s[:m] <= tau_j).int().argmax(0, keepdim=True))  # (1, B): the first j that fits
     pi = (floored / tau).clamp(max=1.0)
-    edges = pi.cumsum(0)
-    edges = (edges * (m / edges[-1])).T.contiguous()  # (B, k), ending at m
-    points = torch.rand(B, 1, device=w.device, dtype=w.dtype) + torch.arange(m, device=w.device, dtype=w.dtype)
+    edges = pi.T.cumsum(1)  # (B, k): rows contiguous for searchsorted, also when compiled
+    edges = edges * (m / edges[:, -1:])  # ending at m
+    u = torch.rand(B, 1, device=w.device, dtype=w.dtype) if u is None else u
+    points = u + torch.arange(m, device=w.device, dtype=w.dtype)
     picked = torch.searchsorted(edges, points, right=True).clamp(max=k - 1).T  # (m, B)
     return picked, w.gather(0, picked) / pi.gather(0, picked)
 
@@ -273,16 +291,18 @@ class _LogQ(torch.nn.Module):
         return encode(self.model, x, y).log_prob(z)  # evaluated here: a chained q calls its networks lazily
 
 
-def dreg_terms(model, x: torch.Tensor, y: torch.Tensor | None,
-               z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dreg_terms(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor,
+               q: Distribution | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(x|z) and log p(z) − log q(z|x), each (k, B), with q's parameters held fixed in log q.
+    q: q(z|x) if the caller has it (its parameters are detached here), else x is encoded again.
 
-    DReG's share of iwae: the part `--compile` compiles."""
+    DReG's share of iwae."""
     log_px_z = decode(model, z, y).log_prob(x)
-    return log_px_z, model.prior().log_prob(z) - _log_q_params_fixed(model, x, y, z)
+    return log_px_z, model.prior().log_prob(z) - _log_q_params_fixed(model, x, y, z, q)
 
 
-def _log_q_params_fixed(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+def _log_q_params_fixed(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor,
+                        q: Distribution | None = None) -> torch.Tensor:
     """log q(z|x) with every parameter detached: its gradient reaches the encoder only through z.
 
     A diagonal Gaussian q is evaluated at its detached loc and scale, and a GaussianChain at
@@ -290,8 +310,9 @@ def _log_q_params_fixed(model, x: torch.Tensor, y: torch.Tensor | None, z: torch
     code, which torch.compile traces in one graph. Any other q goes through
     torch.func.functional_call with detached copies of all parameters.
     """
-    with torch.no_grad():  # x -> q's parameters: nothing there may get a gradient
-        q = encode(model, x, y)
+    if q is None:
+        with torch.no_grad():  # x -> q's parameters: nothing there may get a gradient
+            q = encode(model, x, y)
     fixed = q.fixed() if isinstance(q, GaussianChain) else detached_normal(q)
     return fixed.log_prob(z) if fixed is not None else _log_q_functional(model, x, y, z)
 

@@ -31,9 +31,10 @@ from vaekit import runs
 from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaekit.cpu import flush_denormals, keep_freed_memory
 from vaekit.data import Dataset, Splits, binarize, binarize_u8
+from vaekit.distributions import noise_drawer
 from vaekit.errors import DataError, RunError
 from vaekit.models.common import fit_output_bias_
-from vaekit.objectives import dreg_terms, elbo, iwae, noise_terms, norm_penalty
+from vaekit.objectives import dreg_from_noise, elbo, encode, iwae, norm_penalty
 
 MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row before training gives up
 BAR_EVERY = 25  # steps between progress-bar refreshes (each refresh reads the device)
@@ -394,7 +395,7 @@ def loss_parts(model, x: torch.Tensor, y: torch.Tensor | None, beta: float | tor
 
 def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfig, autocast,
                   then: TrainConfig | None = None) -> Callable | None:
-    """torch.compile(loss_parts) (with dreg: iwae with torch.compile(dreg_terms) and torch.compile(noise_terms)),
+    """torch.compile(loss_parts) (with dreg: torch.compile(dreg_from_noise), its noise drawn outside),
     or None after saying why it cannot be used here.
 
     Compiles by running one forward and backward on the batch x (random state forked, gradients
@@ -405,15 +406,19 @@ def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfi
     """
     try:
         if tc.dreg:
-            # DReG sets a gradient hook on z, which a compiled graph does not apply as eager does
-            # (measured): the decoder and log q are compiled, z and its hook stay eager. With
-            # grad_samples the forward pass over all k samples is compiled too (noise_terms).
-            terms = torch.compile(dreg_terms, dynamic=False)
-            all_terms = torch.compile(noise_terms, dynamic=False)
+            # The whole DReG step is one compiled function (eager iwae's hook on z would not
+            # be applied inside a graph). Its random numbers are drawn outside, in eager iwae's
+            # order (the noise of z, then the draw's offsets), so a seed trains alike either way.
+            step = torch.compile(dreg_from_noise, dynamic=False)
+            with torch.no_grad():
+                noise = noise_drawer(encode(model, x[:1], None if y is None else y[:1]))
 
             def fn(model, x, y, beta, tc):
-                return iwae(model, x, tc.k, y, beta=beta, dreg=True, terms=terms, grad_samples=tc.grad_samples,
-                            all_terms=all_terms)
+                k, n = tc.k, x.shape[0]
+                m = tc.grad_samples if 0 < tc.grad_samples < k else k
+                eps = noise((k, n))
+                u = torch.rand(n, 1, dtype=eps.dtype, device=eps.device) if m < k else None
+                return step(model, x, y, eps, u, beta, m)
         else:
             fn = torch.compile(loss_parts, dynamic=False)
         with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device]), autocast:
