@@ -149,8 +149,8 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     weights (w̃_i² overall at β = 1). Same expectation as the plain gradient (tested), lower
     variance: the plain IWAE encoder gradient gets noisier as k grows (Rainforth et al. 2018).
     The decoder's gradient is unchanged. The hook is on z, so it shapes the gradient of whatever
-    is backpropagated from this call: backpropagate ``loss`` only (training does). The encoder
-    is run again for log q, so it must be deterministic (no dropout; none of ours has it).
+    is backpropagated from this call: backpropagate ``loss`` only (training does). With the
+    default terms log q comes from q's own parameters, detached; the encoder is not run again.
     `--compile` trains with dreg through dreg_from_noise instead, which needs no hook.
 
     terms: what computes dreg_terms (the default) when every sample gets a backward pass, e.g.
@@ -166,7 +166,7 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     z = q.rsample((k,))  # (k, B, D)
     dreg = dreg and z.requires_grad
     if dreg:
-        log_px_z, log_ratio = (terms or dreg_terms)(model, x, y, z)
+        log_px_z, log_ratio = dreg_terms(model, x, y, z, q) if terms is None else terms(model, x, y, z)
     else:
         log_px_z, log_ratio = _terms(model, x, y, q, z)
     log_w = log_px_z + beta * log_ratio  # 1.0 · r is r, bit for bit
