@@ -3,11 +3,13 @@
     python bench/iwae_step.py --row iwae-2l-k50 --grad-samples 0 2 4 8
     python bench/iwae_step.py --row iwae-2l-k50 --grad-samples 0 4 --hooked
     python bench/iwae_step.py --row iwae-1l-k50 --log-q both
+    python bench/iwae_step.py --row iwae-2l-k50 --grad-samples 4 --blocks 3 --profile 100
 
 Each variant is a model of the row's architecture (softplus, batch 20 by default) with its own
 Adam and its own compiled loss, trained on one fixed binarized batch. The variants take turns
 in blocks of 100 steps, so a slow minute of the machine falls on all of them; the median block
-is reported, with each variant's speed relative to the first.
+is reported, with each variant's speed relative to the first. With --profile N, N more steps of
+the last variant then run under torch.profiler, and its operators are listed by their own time.
 
 Variants: each --grad-samples value (0: the backward pass through all k samples), as `--compile`
 trains it (the whole step one compiled function, objectives.dreg_from_noise). With --hooked,
@@ -130,6 +132,8 @@ def main(argv=None) -> None:
                     help="also time each --grad-samples value the way --compile trained up to commit 2c33f6d")
     ap.add_argument("--blocks", type=int, default=8, help="blocks of 100 steps per variant")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then profile N steps of the last variant (torch.profiler) and list its operators")
     args = ap.parse_args(argv)
     if not paper_table.parse_row(args.row)[1] == "iwae":
         sys.exit(f"--row {args.row}: give an IWAE row (the DReG step is what this times).")
@@ -147,12 +151,20 @@ def main(argv=None) -> None:
                 for _ in range(100):
                     step()
                 times[name].append((time.perf_counter() - t0) * 10)  # ms a step
+        if args.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(args.profile):
+                    runs[-1][1]()
     first = statistics.median(times[runs[0][0]])
     k = args.k or paper_table.parse_row(args.row)[2]
     print(f"{args.row}, k = {k}, batch {args.batch_size}, {args.threads} threads, {args.blocks} blocks of 100 steps")
     for name, t in times.items():
         med = statistics.median(t)
         print(f"  {name:26s} {med:6.2f} ms a step (blocks {min(t):.2f} to {max(t):.2f})  x{first / med:.2f}")
+    if args.profile:
+        print(f"\n{runs[-1][0]}: {args.profile} steps under torch.profiler (slower than unprofiled), "
+              "operators by their own time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 if __name__ == "__main__":
