@@ -4,6 +4,7 @@
     python bench/iwae_step.py --row iwae-2l-k50 --grad-samples 0 4 --hooked
     python bench/iwae_step.py --row iwae-1l-k50 --log-q both
     python bench/iwae_step.py --row iwae-2l-k50 --grad-samples 4 --blocks 3 --profile 100
+    python bench/iwae_step.py --row iwae-2l-k50 --grad-samples 4 --precision fp32 bf16
 
 Each variant is a model of the row's architecture (softplus, batch 20 by default) with its own
 Adam and its own compiled loss, trained on one fixed binarized batch. The variants take turns
@@ -11,8 +12,9 @@ in blocks of 100 steps, so a slow minute of the machine falls on all of them; th
 is reported, with each variant's speed relative to the first. With --profile N, N more steps of
 the last variant then run under torch.profiler, and its operators are listed by their own time.
 
-Variants: each --grad-samples value (0: the backward pass through all k samples), as `--compile`
-trains it (the whole step one compiled function, objectives.dreg_from_noise). With --hooked,
+Variants: each --grad-samples value (0: the backward pass through all k samples) in each
+--precision, as `--compile` trains it (the whole step one compiled function,
+objectives.dreg_from_noise; bf16 under autocast, as `--precision bf16` trains). With --hooked,
 first, each of them the way `--compile` trained up to commit 2c33f6d: DReG's hook on z
 and the sampling outside the compiled graphs, which were the decoder with log q and, with
 --grad-samples, the forward pass over all k samples. With --log-q both, first of all, DReG's log
@@ -38,6 +40,7 @@ import paper_table  # noqa: E402  (this directory: the rows' configs)
 from vaekit import objectives  # noqa: E402
 from vaekit.cpu import keep_freed_memory  # noqa: E402
 from vaekit.distributions import draw_noise, from_noise  # noqa: E402
+from vaekit.evaluate import PRECISIONS  # noqa: E402
 from vaekit.models import build  # noqa: E402
 from vaekit.train import compiled_loss, flush_denormals  # noqa: E402
 
@@ -88,18 +91,23 @@ def variants(args) -> list[tuple[str, object]]:
         wanted.append(("log q by functional_call", 0, "functional_call"))
     if args.hooked:
         wanted += [(f"hooked, grad_samples {m}", m, "hooked") for m in args.grad_samples]
-    wanted += [(f"grad_samples {m}" + (" (all k)" if m == 0 else ""), m, None) for m in args.grad_samples]
+    wanted += [(f"grad_samples {m}" + (" (all k)" if m == 0 else "") + ("" if p == "fp32" else f", {p}"), m, p)
+               for p in args.precision for m in args.grad_samples]
     for name, m, way in wanted:
         cfg = paper_table.row_config(args.row, row_args)
         cfg = cfg.replace(train={"k": args.k or cfg.train.k, "grad_samples": m}, model={"input_shape": [1, 28, 28]})
         model = build(cfg.model, seed=0)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
         tc = cfg.train
-        if way is None:
-            fn = compiled_loss(model, x, None, tc, torch.autocast("cpu", enabled=False))
+        if way in PRECISIONS:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=way == "bf16")
+            fn = compiled_loss(model, x, None, tc, autocast)
             if fn is None:
                 sys.exit("torch.compile failed here (see the warning above); this benchmark times compiled steps.")
-            loss = (lambda model=model, fn=fn, tc=tc: fn(model, x, None, beta, tc).loss.mean())
+
+            def loss(model=model, fn=fn, tc=tc, autocast=autocast):
+                with autocast:  # as fit calls it: the loss under autocast, the backward pass outside
+                    return fn(model, x, None, beta, tc).loss.mean()
         elif way == "hooked":
             terms = torch.compile(objectives.dreg_terms, dynamic=False)
             all_terms = torch.compile(hooked_terms, dynamic=False)
@@ -128,6 +136,8 @@ def main(argv=None) -> None:
     ap.add_argument("--grad-samples", type=int, nargs="+", default=[0, 4])
     ap.add_argument("--log-q", choices=["fixed", "both"], default="fixed",
                     help="both: also time log q through functional_call, as before 2026-11-27")
+    ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],
+                    help="time each --grad-samples value in each of these")
     ap.add_argument("--hooked", action="store_true",
                     help="also time each --grad-samples value the way --compile trained up to commit 2c33f6d")
     ap.add_argument("--blocks", type=int, default=8, help="blocks of 100 steps per variant")

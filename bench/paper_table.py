@@ -60,7 +60,7 @@ def row_config(name: str, args) -> RunConfig:
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "cosine",
              "lr_min": args.lr * args.lr_min_factor, "objective": objective, "k": k, "warmup_steps": args.warmup,
              "dreg": dreg, "adam_eps": args.adam_eps, "output_bias": args.output_bias,
-             "seed": args.seed, "compile": args.compile, "ema": args.ema,
+             "seed": args.seed, "compile": args.compile, "ema": args.ema, "precision": args.train_precision,
              "grad_samples": args.grad_samples if dreg else 0}
     if args.k_start and objective == "iwae" and k > args.k_start[0]:
         train |= {"k_start": args.k_start[0], "k_start_epochs": args.k_start[1],
@@ -98,7 +98,7 @@ def run_row(name: str, out: Path, args, splits) -> dict:
         line = f"   epoch {r['epoch']:>4}  train loss {r['train_loss']:.2f}  valid -ELBO {r['valid_nelbo']:.2f}"
         if "valid_iwae_loss" in r:
             line += f"  valid -L_{cfg.train.k} {r['valid_iwae_loss']:.2f}"
-        if r["epoch"] in CURVE_EPOCHS or r["epoch"] == cfg.train.epochs:
+        if r["epoch"] in args.curve_epochs or r["epoch"] == cfg.train.epochs:
             # The test NLL of this epoch's weights as fit saved them (with --ema, their moving average),
             # on the first --curve-images test images.
             point = curve_point(runs.load(run, "last"), x_curve, r["epoch"], args.k)
@@ -126,6 +126,7 @@ def run_row(name: str, out: Path, args, splits) -> dict:
                    "k_start_batch_size": tc.k_start_batch_size,
                    "adam_eps": tc.adam_eps, "output_bias": tc.output_bias, "seed": tc.seed,
                    "compile": tc.compile, "ema": tc.ema, "grad_samples": tc.grad_samples,
+                   "train_precision": tc.precision,
                    "activation": cfg.model.activation,
                    "train_images": len(splits.train)},
         "threads": torch.get_num_threads(), "session_seconds": round(time.perf_counter() - t0, 1),
@@ -224,14 +225,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile", action="store_true",
                     help="train with torch.compile (vaekit train --compile): the same numbers up to float rounding")
     ap.add_argument("--curve-images", type=int, default=1000,
-                    help="test images for the NLL-vs-epoch curve, measured at epochs 1, 2, 3, 5, 10, 20, ...")
+                    help="test images for the NLL-vs-epoch curve")
+    ap.add_argument("--curve-epochs", type=int, nargs="*", default=sorted(CURVE_EPOCHS), metavar="E",
+                    help="the epochs at which the curve is measured (the last one always is); a point on 1000 "
+                         "images costs about a tenth of the final evaluation (default: %(default)s)")
     ap.add_argument("--figure", type=Path, default=None,
                     help="only draw the NLL-vs-epoch figure of the rows under --out into this file")
     ap.add_argument("--markdown", action="store_true", help="only print the finished rows under --out as Markdown")
     ap.add_argument("--also", type=Path, nargs="*", default=[],
                     help="with --figure/--markdown: further output directories (other recipes) to include")
     ap.add_argument("--k", type=int, default=5000, help="importance samples for the test NLL (paper: 5000)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="of the test NLL's evaluation")
+    ap.add_argument("--train-precision", default="fp32", choices=["fp32", "bf16"],
+                    help="of training (bf16: matmuls under autocast, fp32 weights; vaekit train --precision)")
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
     ap.add_argument("--progress", action="store_true")
     return ap

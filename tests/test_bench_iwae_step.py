@@ -18,11 +18,12 @@ def test_an_elbo_row_is_refused():
 @pytest.mark.slow
 def test_it_times_every_variant_and_prints_their_ratios(capsys):
     iwae_step.main(["--row", "iwae-1l-k5", "--blocks", "1", "--grad-samples", "0", "2", "--log-q", "both", "--hooked",
-                    "--profile", "3"])
+                    "--precision", "fp32", "bf16", "--profile", "3"])
     out = capsys.readouterr().out
     assert "iwae-1l-k5, k = 5" in out
     for name in ("log q by functional_call", "hooked, grad_samples 0", "hooked, grad_samples 2",
-                 "grad_samples 0 (all k)", "\n  grad_samples 2"):
+                 "grad_samples 0 (all k)", "\n  grad_samples 2 ", "grad_samples 0 (all k), bf16",
+                 "grad_samples 2, bf16"):
         assert name in out
-    assert out.count(" x") == 5 and "x1.00" in out  # each against the first
-    assert "grad_samples 2: 3 steps under torch.profiler" in out and "aten::" in out  # the last variant's operators
+    assert out.count(" x") == 7 and "x1.00" in out  # each against the first
+    assert "grad_samples 2, bf16: 3 steps under torch.profiler" in out and "aten::" in out  # the last one's ops

@@ -57,3 +57,17 @@ def test_markdown_puts_each_finished_row_beside_the_paper(tmp_path):
     line = paper_table.markdown(tmp_path, " (mine)").splitlines()[-1]
     assert line == ("| iwae-2l-k50 (mine) | 59,600 | 240 (239) | 83.00 ± 0.22 | 82.90 | +0.10 | 90.00 | 40 | "
                     "7800 | 381 |")
+
+
+def test_training_precision_reaches_every_row_and_the_evaluation_keeps_its_own():
+    args = _args("--dreg", "--train-precision", "bf16")
+    for row in ("iwae-2l-k50", "vae-1l-k1"):
+        assert paper_table.row_config(row, args).train.precision == "bf16"
+    assert args.precision == "fp32"  # the test NLL stays in fp32 unless --precision says otherwise
+    assert paper_table.row_config("iwae-2l-k50", _args()).train.precision == "fp32"
+
+
+def test_curve_epochs_default_to_the_usual_points_and_can_be_cut_to_the_last_alone():
+    assert _args().curve_epochs == sorted(paper_table.CURVE_EPOCHS)
+    assert _args("--curve-epochs", "100", "300").curve_epochs == [100, 300]
+    assert _args("--curve-epochs").curve_epochs == []  # the run's last epoch is measured all the same

@@ -231,7 +231,9 @@ def train(
     stream: Optional[str] = typer.Option(None, "--stream", help="auto, yes or no: read a .npy file's training "
                                          "batches from disk as they are needed (auto: when the file is larger than "
                                          "half the free memory)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast, fp32 weights)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast, fp32 weights). "
+                                            "bf16 is faster only where the CPU multiplies bf16 fast (an AMD Zen 4: "
+                                            "yes; an Intel Xeon without AMX: no; docs/results.md)."),
     objective: Optional[str] = typer.Option(None, "--objective", help="elbo, iwae (with --k) or norm-penalty "
                                             "(the poor man's VAE)."),
     k: Optional[int] = typer.Option(None, "--k", help="Importance samples per image for --objective iwae."),
@@ -609,7 +611,8 @@ def eval_(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
     scores: Optional[Path] = typer.Option(None, "--scores", help="Also write each image's -log p(x) to this "
                                           ".npz (array nll, in the data's order; y too when there are labels)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (decoder matmuls; sums in fp32)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (decoder matmuls; sums in fp32). bf16 "
+                                  "is faster only where the CPU multiplies bf16 fast (docs/results.md)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the importance samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
