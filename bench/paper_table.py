@@ -26,7 +26,7 @@ import torch
 from vaekit import runs
 from vaekit.config import RunConfig, merge, preset
 from vaekit.data import load_data
-from vaekit.evaluate import evaluate
+from vaekit.evaluate import PRECISIONS, evaluate
 from vaekit.models import build
 from vaekit.models.common import ACTIVATIONS
 from vaekit.train import eval_set, fit, selection_score
@@ -235,8 +235,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--also", type=Path, nargs="*", default=[],
                     help="with --figure/--markdown: further output directories (other recipes) to include")
     ap.add_argument("--k", type=int, default=5000, help="importance samples for the test NLL (paper: 5000)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="of the test NLL's evaluation")
-    ap.add_argument("--train-precision", default="fp32", choices=["fp32", "bf16"],
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS, help="of the test NLL's evaluation")
+    ap.add_argument("--train-precision", default="fp32", choices=PRECISIONS,
                     help="of training (bf16: matmuls under autocast, fp32 weights; vaekit train --precision)")
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
     ap.add_argument("--progress", action="store_true")
