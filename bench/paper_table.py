@@ -11,6 +11,11 @@ Burda et al., datasets.py, does the same), then evaluates the test NLL
 with the paper's protocol: k = 5000 importance samples per image, all 10k test images, binarized
 once with a fixed seed. Rows already finished are skipped; a row that stopped mid-training resumes
 exactly from its last checkpoint. The table is printed beside the paper's numbers.
+
+    python bench/paper_table.py --markdown --archive docs/paper_runs.json --out runs/paper --also runs/paper_59k
+
+prints the table of finished recipes (--figure FILE draws their NLL against epochs); recipes whose
+directories are gone are read from the archive, which --archive-update fills from finished runs.
 """
 
 from __future__ import annotations
@@ -135,12 +140,48 @@ def run_row(name: str, out: Path, args, splits) -> dict:
     return result
 
 
-def markdown(out: Path, tag: str = "") -> str:
-    """The table of every finished row under ``out``, in Markdown, beside the paper's numbers (rows named + tag)."""
+def recipe_rows(out: Path, archive: dict | None = None) -> dict[str, dict]:
+    """Each row of the recipe in ``out``: {row: {"result": paper_result.json or None, "curve": [points]}}.
+
+    From the directory when it holds any row; otherwise, from ``archive`` (the contents of a file such as
+    docs/paper_runs.json, keyed "row (recipe)"), the rows stored there under the directory's name.
+    """
+    found = {}
+    for run in sorted(p for p in out.glob("*") if p.name in ROWS):
+        result, curve = run / "paper_result.json", run / "curve.jsonl"
+        if result.exists() or curve.exists():
+            found[run.name] = {"result": json.loads(result.read_text()) if result.exists() else None,
+                               "curve": runs.read_jsonl(curve) if curve.exists() else []}
+    if found or archive is None:
+        return found
+    tag = f" ({out.name})"
+    return {key[: -len(tag)]: entry for key, entry in archive.items() if key.endswith(tag)}
+
+
+def read_archive(path: Path | None) -> dict | None:
+    if path is None:
+        return None
+    if not path.exists():
+        sys.exit(f"{path}: no such archive; give the file that --archive-update wrote (docs/paper_runs.json).")
+    return json.loads(path.read_text())
+
+
+def update_archive(path: Path, outs: list[Path]) -> None:
+    """Store the rows found in the ``outs`` directories into the archive at ``path`` (replacing same-named ones)."""
+    archive = json.loads(path.read_text()) if path.exists() else {}
+    added = {f"{row} ({out.name})": entry for out in outs for row, entry in recipe_rows(out).items()}
+    if not added:
+        sys.exit(f"no rows with a result or a curve under {', '.join(map(str, outs))}; nothing stored.")
+    runs.write_text(path, json.dumps(archive | added, indent=1) + "\n")
+    print(f"stored {len(added)} rows in {path}: {', '.join(added)}")
+
+
+def markdown(rows: dict[str, dict], tag: str = "") -> str:
+    """The table of the finished ``rows`` (as recipe_rows gives them) in Markdown, beside the paper's numbers."""
     lines = ["| row | training images | epochs (best) | NLL, ours | paper | gap | −ELBO | active units | train s | eval s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(out.glob("*/paper_result.json"), key=lambda p: ROWS.index(p.parent.name)):
-        r = json.loads(path.read_text())
+    for name in sorted((n for n in rows if rows[n]["result"]), key=ROWS.index):
+        r = rows[name]["result"]
         paper = PAPER[parse_row(r["row"])]
         n_train = r["recipe"].get("train_images", 50_000)  # rows from before 2026-11-25 all trained on 50k
         lines.append(f"| {r['row']}{tag} | {n_train:,} | {r['epochs']} ({r['best_epoch']}) | "
@@ -150,11 +191,11 @@ def markdown(out: Path, tag: str = "") -> str:
     return "\n".join(lines)
 
 
-def figure(outs: list[Path], path: Path) -> None:
-    """Test NLL against epochs for every row under the ``outs`` that has a curve, beside the paper's numbers.
+def figure(recipes: list[tuple[str, dict[str, dict]]], path: Path) -> None:
+    """Test NLL against epochs for every row of the ``recipes`` (name, recipe_rows) with a curve, beside the paper.
 
-    A row keeps its colour in every directory; each directory (a recipe) has its own line style,
-    and rows from the second and later directories are labelled with the directory's name.
+    A row keeps its colour in every recipe; each recipe has its own line style,
+    and rows from the second and later recipes are labelled with the recipe's name.
     """
     import matplotlib
 
@@ -162,14 +203,13 @@ def figure(outs: list[Path], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 4.8))
-    curves = [(c, j) for j, out in enumerate(outs) for c in sorted(out.glob("*/curve.jsonl"))]
+    curves = [(name, rows[name]["curve"], j) for j, (_, rows) in enumerate(recipes)
+              for name in sorted(rows, key=ROWS.index) if rows[name]["curve"]]
     styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (4, 1)), (0, (6, 2, 1, 2, 1, 2)),
               (0, (2, 2, 6, 2)), (0, (9, 2)), (0, (3, 1, 3, 1, 1, 1)), (0, (8, 1, 1, 1))]
-    for curve_path, j in curves:
-        name = curve_path.parent.name
-        pts = runs.read_jsonl(curve_path)
+    for name, pts, j in curves:
         color = f"C{ROWS.index(name) % 10}"
-        label = name if j == 0 else f"{name} ({outs[j].name})"
+        label = name if j == 0 else f"{name} ({recipes[j][0]})"
         ax.plot([p["epoch"] for p in pts], [p["nll"] for p in pts], marker="o", ls=styles[j % len(styles)],
                 color=color, label=label, ms=3)
         ax.axhline(PAPER[parse_row(name)], color=color, ls=":", lw=1)
@@ -234,6 +274,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--markdown", action="store_true", help="only print the finished rows under --out as Markdown")
     ap.add_argument("--also", type=Path, nargs="*", default=[],
                     help="with --figure/--markdown: further output directories (other recipes) to include")
+    ap.add_argument("--archive", type=Path, default=None, metavar="FILE",
+                    help="with --figure/--markdown: a recipe whose directory holds no rows is read from this file "
+                         "(rows and curves stored by --archive-update, e.g. docs/paper_runs.json)")
+    ap.add_argument("--archive-update", action="store_true",
+                    help="only store the rows under --out and --also (results and curves) into --archive FILE")
     ap.add_argument("--k", type=int, default=5000, help="importance samples for the test NLL (paper: 5000)")
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS, help="of the test NLL's evaluation")
     ap.add_argument("--train-precision", default="fp32", choices=PRECISIONS,
@@ -249,11 +294,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--k-start-batch is the batch size of the --k-start epochs; give --k-start K EPOCHS too, or drop it.")
     if args.grad_samples and not args.dreg:
         sys.exit("--grad-samples thins the backward pass of the DReG estimator; give --dreg too, or drop it.")
+    if args.archive_update:
+        if args.archive is None:
+            sys.exit("--archive-update stores rows into the --archive FILE; give --archive too.")
+        return update_archive(args.archive, [args.out, *args.also])
+    if args.figure is not None or args.markdown:
+        archive = read_archive(args.archive)
+        recipes = [(out.name, recipe_rows(out, archive)) for out in [args.out, *args.also]]
+        empty = [name for name, rows in recipes if not rows]
+        if empty:
+            sys.exit(f"no rows for the recipes {', '.join(empty)}: neither in their directories"
+                     + (f" nor in {args.archive}." if archive is not None else " (read an archive with --archive FILE)."))
     if args.figure is not None:
-        return figure([args.out, *args.also], args.figure)
+        return figure(recipes, args.figure)
     if args.markdown:
-        tables = [markdown(args.out)] + ["\n".join(markdown(o, f" ({o.name})").splitlines()[2:]) for o in args.also]
-        return print("\n".join(t for t in tables if t))
+        tables = [markdown(recipes[0][1])] + ["\n".join(markdown(rows, f" ({name})").splitlines()[2:])
+                                            for name, rows in recipes[1:]]
+        return print("\n".join(tables))
     rows = ROWS if args.rows == ["all"] else args.rows
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

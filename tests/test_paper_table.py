@@ -54,7 +54,7 @@ def test_markdown_puts_each_finished_row_beside_the_paper(tmp_path):
               "recipe": {"train_images": 59_600}}
     (tmp_path / "iwae-2l-k50").mkdir()
     (tmp_path / "iwae-2l-k50" / "paper_result.json").write_text(json.dumps(result))
-    line = paper_table.markdown(tmp_path, " (mine)").splitlines()[-1]
+    line = paper_table.markdown(paper_table.recipe_rows(tmp_path), " (mine)").splitlines()[-1]
     assert line == ("| iwae-2l-k50 (mine) | 59,600 | 240 (239) | 83.00 ± 0.22 | 82.90 | +0.10 | 90.00 | 40 | "
                     "7800 | 381 |")
 
@@ -71,3 +71,53 @@ def test_curve_epochs_default_to_the_usual_points_and_can_be_cut_to_the_last_alo
     assert _args().curve_epochs == sorted(paper_table.CURVE_EPOCHS)
     assert _args("--curve-epochs", "100", "300").curve_epochs == [100, 300]
     assert _args("--curve-epochs").curve_epochs == []  # the run's last epoch is measured all the same
+
+
+def _finished_row(out: Path, row: str, nll: float, curve: list[float]) -> None:
+    run = out / row
+    run.mkdir(parents=True)
+    result = {"row": row, "epochs": len(curve), "best_epoch": len(curve), "nll": nll, "nll_stderr": 0.2,
+              "nelbo": nll + 5, "active_units": 30, "train_seconds": 100.0, "eval_seconds": 10.0,
+              "recipe": {"train_images": 59_600}}
+    (run / "paper_result.json").write_text(json.dumps(result))
+    (run / "curve.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "nll": v}) + "\n" for e, v in enumerate(curve)))
+
+
+def test_an_archive_keeps_the_rows_and_curves_of_recipes_whose_directories_are_gone(tmp_path, capsys):
+    a, b, archive = tmp_path / "runs" / "recipe_a", tmp_path / "runs" / "recipe_b", tmp_path / "runs.json"
+    _finished_row(a, "vae-1l-k1", 86.7, [120.0, 95.0, 88.0])
+    _finished_row(a, "iwae-2l-k50", 83.1, [110.0, 90.0])
+    _finished_row(b, "iwae-2l-k50", 82.8, [109.0, 89.0, 85.0])
+    outs = ["--out", str(a), "--also", str(b)]
+    paper_table.main(["--markdown", *outs])
+    from_directories = capsys.readouterr().out
+    paper_table.main(["--archive-update", "--archive", str(archive), *outs])
+    assert "stored 3 rows" in capsys.readouterr().out
+    stored = json.loads(archive.read_text())
+    assert sorted(stored) == ["iwae-2l-k50 (recipe_a)", "iwae-2l-k50 (recipe_b)", "vae-1l-k1 (recipe_a)"]
+    assert [p["nll"] for p in stored["iwae-2l-k50 (recipe_b)"]["curve"]] == [109.0, 89.0, 85.0]
+
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "runs").rename(moved)  # the run directories are gone; the same command reads the archive
+    paper_table.main(["--markdown", "--archive", str(archive), *outs])
+    assert capsys.readouterr().out == from_directories
+    assert "| iwae-2l-k50 (recipe_b) | 59,600 | 3 (3) | 82.80 ± 0.20 | 82.90 | -0.10 |" in from_directories
+    paper_table.main(["--figure", str(tmp_path / "nll.png"), "--archive", str(archive), *outs])
+    assert (tmp_path / "nll.png").stat().st_size > 0
+
+    # A directory that holds rows is read from disk, not from the archive.
+    _finished_row(a, "vae-1l-k1", 86.0, [100.0])
+    assert paper_table.recipe_rows(a, stored)["vae-1l-k1"]["result"]["nll"] == 86.0
+    assert "iwae-2l-k50" not in paper_table.recipe_rows(a, stored)
+
+
+def test_a_recipe_found_nowhere_is_named_and_the_archive_needs_a_file(tmp_path):
+    archive = tmp_path / "runs.json"
+    archive.write_text(json.dumps({}))
+    with pytest.raises(SystemExit, match=r"no rows for the recipes lost: neither in their directories nor in"):
+        paper_table.main(["--markdown", "--archive", str(archive), "--out", str(tmp_path / "lost")])
+    with pytest.raises(SystemExit, match="give --archive too"):
+        paper_table.main(["--archive-update", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="nothing stored"):
+        paper_table.main(["--archive-update", "--archive", str(archive), "--out", str(tmp_path / "empty")])
+    assert json.loads(archive.read_text()) == {}
