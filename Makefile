@@ -7,7 +7,7 @@ DEMO   ?= runs/demo
 LATENTS ?= 2 5 10 20
 DEMO_EPOCHS ?= 10
 
-.PHONY: setup data demo test test-slow bench clean
+.PHONY: setup data demo test test-slow clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "vaekit needs Python 3.10 or newer; " + sys.executable + " is " + sys.version.split()[0] + ". Name one: make demo PYTHON=python3.12")'

@@ -11,7 +11,7 @@ from vaekit.cli import main
 from vaekit.config import ModelConfig, RunConfig
 from vaekit.errors import ConfigError
 from vaekit.models import build
-from vaekit.objectives import decode, elbo
+from vaekit.objectives import decode, elbo, norm_penalty
 
 SHAPE = (1, 6, 6)
 
@@ -51,6 +51,19 @@ def test_labels_are_shared_by_the_k_samples_of_one_image():
     together = decode(model, z, y).log_prob(x)
     one_by_one = torch.stack([decode(model, z[i], y).log_prob(x) for i in range(7)])
     torch.testing.assert_close(together, one_by_one)
+
+
+
+def test_the_norm_penalty_of_a_conditional_model_decodes_with_the_label():
+    model = cvae()
+    x, y = noisy_class_data(6)
+    torch.manual_seed(0)
+    right = norm_penalty(model, x, y=y)
+    torch.manual_seed(0)  # the same noise on the code; only the label differs
+    wrong = norm_penalty(model, x, y=(y + 1) % 3)
+    assert not torch.allclose(right.distortion, wrong.distortion)
+    right.loss.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_a_trained_cvae_draws_the_class_it_is_asked_for():
@@ -141,6 +154,12 @@ def test_cli_conditional_sample_takes_the_class_names_of_an_image_folder(tmp_pat
     assert main(["train", "--out", str(run), "--data", str(tmp_path / "shapes"), "--conditional", "--latent-dim",
                  "2", "--hidden", "32", "--epochs", "1", "--batch-size", "50", "--no-progress"]) == 0
     assert json.loads((run / "config.json").read_text())["model"]["class_names"] == ["bottom", "left", "top"]
+    # The cvae preset's 10 classes are MNIST's: on this folder it counts the folder's 3 as --conditional does.
+    preset_run = tmp_path / "preset_run"
+    assert main(["train", "--out", str(preset_run), "--data", str(tmp_path / "shapes"), "--preset", "cvae",
+                 "--epochs", "1", "--batch-size", "50", "--no-progress"]) == 0
+    model_cfg = json.loads((preset_run / "config.json").read_text())["model"]
+    assert (model_cfg["n_classes"], model_cfg["class_names"]) == (3, ["bottom", "left", "top"])
     by_name, by_number = tmp_path / "top.png", tmp_path / "2.png"
     assert main(["sample", str(run), "--label", "top", "--n", "4", "--out", str(by_name)]) == 0
     assert main(["sample", str(run), "--label", "2", "--n", "4", "--out", str(by_number)]) == 0

@@ -319,6 +319,10 @@ def train(
             mnist_bernoulli = merged["model"]["likelihood"] == "bernoulli" and merged["data"]["source"] == "mnist"
             merged["data"]["binarize"] = "dynamic" if mnist_bernoulli else "none"
         cfg = RunConfig.from_dict(merged)
+        # A preset's class count (cvae: 10) is MNIST's; other labelled data has its classes counted.
+        preset_classes = bool(preset_name and preset(preset_name).get("model", {}).get("n_classes"))
+        if preset_classes and cfg.data.source != "mnist" and "n_classes" not in overrides.get("model", {}):
+            conditional, cfg = True, cfg.replace(model={"n_classes": 0})
     _prepare_out(out, resume)
 
     # Load and check the data before writing anything, so bad data leaves no run behind.

@@ -194,6 +194,9 @@ class RunConfig:
         self.model.check()
         self.data.check()
         self.train.check()
+        if self.train.free_bits > 0 and self.model.arch == "mlp2":
+            raise ConfigError("free bits floor each latent dimension's KL, which needs a factorised q(z|x); the "
+                              "two-layer model (arch mlp2) has none. Drop --free-bits or use arch mlp or conv.")
         return self
 
     def to_dict(self) -> dict[str, Any]:

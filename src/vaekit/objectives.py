@@ -324,14 +324,14 @@ def _log_q_functional(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.T
     return torch.func.functional_call(_LogQ(model), params, (x.detach(), y, z))
 
 
-def norm_penalty(model, x: torch.Tensor, lam: float = 1.0) -> ElboParts:
+def norm_penalty(model, x: torch.Tensor, lam: float = 1.0, y: torch.Tensor | None = None) -> ElboParts:
     """The poor man's VAE loss (vaekit.models.poorman): ‖x − x̂‖² + λ·‖z‖, with z = f(x) + ε.
 
     NOT an ELBO: `distortion` is the summed squared error and `rate` the code's Euclidean
-    norm, neither in nats.
+    norm, neither in nats. y: the labels, for a conditional model.
     """
-    z = model.encode(x).rsample()  # (B, D)
-    x_hat = model.decode(z).mean
+    z = encode(model, x, y).rsample()  # (B, D)
+    x_hat = decode(model, z, y).mean
     distortion = (x - x_hat).pow(2).flatten(1).sum(-1)
     rate = z.norm(dim=-1)
     return ElboParts(distortion, rate, distortion + lam * rate)

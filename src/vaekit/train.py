@@ -389,7 +389,7 @@ def loss_parts(model, x: torch.Tensor, y: torch.Tensor | None, beta: float | tor
     if tc.objective == "iwae":
         return iwae(model, x, tc.k, y, beta=beta, dreg=tc.dreg, grad_samples=tc.grad_samples)
     if tc.objective == "norm-penalty":
-        return norm_penalty(model, x, tc.beta)
+        return norm_penalty(model, x, tc.beta, y)
     return elbo(model, x, beta=beta, free_bits=tc.free_bits, k=tc.k, y=y)
 
 
