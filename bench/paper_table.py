@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         recipes = [(out.name, recipe_rows(out, archive)) for out in [args.out, *args.also]]
         empty = [name for name, rows in recipes if not rows]
         if empty:
-            sys.exit(f"no rows for the recipes {', '.join(empty)}: neither in their directories"
-                     + (f" nor in {args.archive}." if archive is not None else " (read an archive with --archive FILE)."))
+            where = f" nor in {args.archive}." if archive is not None else " (read an archive with --archive FILE)."
+            sys.exit(f"no rows for the recipes {', '.join(empty)}: neither in their directories" + where)
     if args.figure is not None:
         return figure(recipes, args.figure)
     if args.markdown:

@@ -122,6 +122,8 @@ def test_bad_options_of_the_commands_on_a_run_exit_2_and_write_nothing(tmp_path,
         (["reconstruct", str(run), "--n", "100000", "--out", f"{out}/r.png"], ["--n", "256"]),
         (["sample", str(run), "--n", "-5", "--out", f"{out}/s.png"], ["--n", "got -5"]),
         (["sample", str(run), "--out", f"{out}/s.jpg"], ["--out", ".png"]),
+        (["sample", str(run), "--seed", str(2**64), "--out", f"{out}/s.png"], ["--seed", "between 0 and"]),
+        (["eval", str(run), "--seed", "-1", "--k", "2"], ["--seed", "got -1"]),
         (["compare", str(run), str(run), "--n", "0", "--out", str(out)], ["--n"]),
         (["encode", str(run), "--split", "valid", "--out", f"{out}/codes.txt"], ["--out", ".npz"]),
         (["interpolate", str(run), "0", "30", "--split", "valid", "--out", f"{out}/i.png"], ["30", "0 to 29"]),
@@ -233,7 +235,28 @@ def test_eval_and_encode_take_other_data_and_score_each_image(tmp_path, npz, cap
     before = same.read_bytes()
     assert main(["eval", str(run), "--data", str(same), "--scores", str(same), "--k", "2"]) == 2
     assert main(["encode", str(run), "--data", str(same), "--out", str(same)]) == 2
-    assert "is the --data file itself" in capsys.readouterr().err and same.read_bytes() == before
+    assert "is the --data" in capsys.readouterr().err and same.read_bytes() == before
+    # nor the run's own training data, named or not
+    before = npz.read_bytes()
+    assert main(["encode", str(run), "--out", str(npz)]) == 2
+    assert "is the run's training data" in capsys.readouterr().err
+    assert main(["eval", str(run), "--k", "2", "--scores", str(npz)]) == 2
+    assert npz.read_bytes() == before
+
+
+def test_no_output_file_goes_into_the_image_folder_a_run_trained_on(tmp_path, capsys):
+    from vaekit import runs
+    from vaekit.cli import _not_the_input
+    from vaekit.config import RunConfig
+    from vaekit.errors import ConfigError
+
+    folder = tmp_path / "pets"
+    run = tmp_path / "run"
+    run.mkdir()
+    runs.save_config(run, RunConfig.from_dict({"data": {"source": str(folder)}}))
+    with pytest.raises(ConfigError, match="is inside the run's training data"):
+        _not_the_input(folder / "cat" / "codes.npz", None, run)
+    _not_the_input(tmp_path / "codes.npz", None, run)  # beside the folder: fine
 
 
 def test_a_run_finds_its_data_from_any_folder_and_defaults_to_the_split_it_has(tmp_path, npz, monkeypatch):
@@ -331,3 +354,45 @@ def test_grad_samples_reach_the_run_config_and_need_dreg(tmp_path, npz, capsys):
     assert main(train_args(tmp_path / "no_dreg", npz, "--objective", "iwae", "--k", "6", "--grad-samples", "2")) != 0
     assert "grad_samples thins the backward pass of the DReG estimator" in capsys.readouterr().err
     assert not (tmp_path / "no_dreg" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("n", [10, 20])
+def test_a_tiny_data_set_trains_and_gets_its_report(tmp_path, n):
+    # 10 examples leave 1 for validation (no pair to interpolate between), 20 leave 2 (one pair)
+    rng = np.random.default_rng(0)
+    tiny = tmp_path / "tiny.npz"
+    np.savez(tiny, x=(rng.random((n, 8, 8)) < 0.3).astype(np.uint8) * 255)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--data", str(tiny), "--latent-dim", "2", "--hidden", "8",
+                 "--epochs", "1", "--batch-size", "4", "--no-progress"]) == 0
+    assert (run / "report.html").exists() and (run / "reconstructions.png").exists()
+    assert (run / "interpolations.png").exists() == (n == 20)
+
+
+def test_compare_gives_each_run_the_first_runs_images_with_their_labels(tmp_path, npz, capsys, monkeypatch):
+    from vaekit import generate, runs
+    from vaekit.data import load_splits
+
+    plain, cond = tmp_path / "plain", tmp_path / "cond"
+    assert main(train_args(plain, npz)) == 0
+    relabelled = tmp_path / "relabelled.npz"  # the same images in another order, so other labels in each place
+    d = np.load(npz)
+    np.savez(relabelled, x=d["x"][::-1], y=d["y"][::-1])
+    assert main(train_args(cond, relabelled, "--conditional")) == 0
+    seen = []
+    real = generate.reconstruct
+    monkeypatch.setattr(generate, "reconstruct", lambda model, x, y=None: seen.append(y) or real(model, x, y))
+    assert main(["compare", str(plain), str(cond), "--n", "6", "--out", str(tmp_path / "cmp")]) == 0
+    first_labels = load_splits(runs.load_config(plain).data).valid.y[:6]
+    assert seen[0] is None and torch.equal(seen[1], first_labels)
+
+    report = (plain / "report.html").read_bytes()
+    assert main(["compare", str(cond), str(plain), "--out", str(plain)]) == 2
+    assert "is a run directory" in capsys.readouterr().err and (plain / "report.html").read_bytes() == report
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, x=d["x"])
+    assert main(train_args(tmp_path / "nolabels", unlabelled)) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "nolabels"), str(cond), "--out", str(tmp_path / "cmp2")]) == 2
+    assert "have no labels. Put a run of labelled data first" in capsys.readouterr().err
+    assert not (tmp_path / "cmp2").exists()

@@ -35,6 +35,8 @@ def test_json_round_trip_is_exact():
     ({"data": {"mnist_valid": 60000}}, ["mnist_valid", "between 1 and 59999"]),
     ({"data": {"source": "my.npz", "mnist_valid": 400}}, ["mnist_valid", "'my.npz'", "valid_fraction"]),
     ({"model": {"arch": "mlp2"}, "train": {"free_bits": 0.5}}, ["free bits", "mlp2", "Drop --free-bits"]),
+    ({"train": {"seed": 2**64}}, ["seed", "between 0 and 9223372036854775807"]),
+    ({"train": {"seed": -1}}, ["seed", "between 0"]),
 ])
 def test_bad_config_names_the_problem(bad, words):
     with pytest.raises(ConfigError) as e:

@@ -172,6 +172,13 @@ def test_empty_array(tmp_path):
         load_path(tmp_path / "e.npy")
 
 
+@pytest.mark.parametrize("shape", [(30, 0), (30, 0, 5), (3, 1, 4, 0)])
+def test_examples_with_a_size_zero_dimension_are_refused(tmp_path, shape):
+    np.savez(tmp_path / "z.npz", x=np.zeros(shape, np.uint8))
+    with pytest.raises(DataError, match=r"its examples are empty .*size-0 dimension"):
+        load_path(tmp_path / "z.npz")
+
+
 def test_npz_without_known_key_and_bad_labels(tmp_path):
     np.savez(tmp_path / "k.npz", pixels=np.zeros((2, 2)))
     with pytest.raises(DataError, match=r"found keys \['pixels'\].*np.savez"):
@@ -504,6 +511,19 @@ def test_fetch_replaces_tampered_cache(tmp_path, fake, monkeypatch):
     fetch_mnist(tmp_path, log=logs.append)
     assert "unusable" in logs[0]
     assert np.array_equal(load_mnist("trainval", tmp_path).x[:, 0].numpy(), fake["x_train"])
+
+
+def test_a_cache_folder_that_cannot_be_made_is_named_before_any_download(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.write_text("a file, not a folder")
+    downloads = []
+    monkeypatch.setattr(data, "_download_idx_mirror", lambda *a: downloads.append(a))
+    monkeypatch.setattr(data, "_mnist_from_pip", lambda *a: downloads.append(a))
+    with pytest.raises(DataError, match=r"cannot make the data cache folder .*home/mnist.*VAEKIT_HOME"):
+        fetch_mnist(home)
+    assert downloads == []
+    with pytest.raises(DataError, match="cannot make the data cache folder"):
+        data._write_cache(data.mnist_cache_path(home), {})
 
 
 def test_fetch_rejects_source_with_wrong_hash(tmp_path, fake, monkeypatch):

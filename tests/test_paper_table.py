@@ -80,7 +80,8 @@ def _finished_row(out: Path, row: str, nll: float, curve: list[float]) -> None:
               "nelbo": nll + 5, "active_units": 30, "train_seconds": 100.0, "eval_seconds": 10.0,
               "recipe": {"train_images": 59_600}}
     (run / "paper_result.json").write_text(json.dumps(result))
-    (run / "curve.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "nll": v}) + "\n" for e, v in enumerate(curve)))
+    points = [{"epoch": e + 1, "nll": v} for e, v in enumerate(curve)]
+    (run / "curve.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
 
 
 def test_an_archive_keeps_the_rows_and_curves_of_recipes_whose_directories_are_gone(tmp_path, capsys):

@@ -435,3 +435,29 @@ def test_resume_cannot_shorten_a_run_or_stretch_a_schedule(tmp_path, npz, capsys
     assert main([*resume_args(cosine), "--epochs", "4"]) == 2
     assert "cosine" in capsys.readouterr().err
     assert json.loads((cosine / "config.json").read_text())["train"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("changed", ["shape", "size"])
+def test_resume_on_data_that_changed_since_the_run_began_says_so_and_leaves_the_run(tmp_path, npz, capsys, changed):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    x = np.zeros((300, 10, 10), np.uint8) if changed == "shape" else np.load(npz)["x"][:40]
+    np.savez(npz, x=x)  # the run's data file, replaced
+    assert main([*resume_args(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "the data has changed since the run began" in err and "Traceback" not in err
+    assert ("[1, 8, 8]" in err and "[1, 10, 10]" in err) if changed == "shape" else "batches of 50" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # config.json too: still 1 epoch
+
+
+def test_a_run_whose_data_changed_shape_is_refused_by_the_commands_that_read_it(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    np.savez(npz, x=np.zeros((300, 10, 10), np.uint8))
+    capsys.readouterr()
+    for command in (["reconstruct", str(run), "--n", "2"], ["eval", str(run), "--k", "2", "--limit", "2"],
+                    ["encode", str(run)], ["plot", str(run)], ["compare", str(run), "--out", str(tmp_path / "c")]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert "the data has changed since the run began" in err and "Traceback" not in err, command

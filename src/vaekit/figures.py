@@ -59,10 +59,12 @@ def run_figures(
         else:
             figs["manifold.png"] = plots.manifold(generate.manifold(model, 20, label=0), 20,
                                                   title="Learned 2-D manifold of class 0 (the label fixed, z varied)")
-    pairs = torch.randperm(len(x), generator=g)[:10].view(5, 2)  # 5 random pairs of images
-    figs["interpolations.png"] = plots.interpolations(generate.interpolate(
-        model, x[pairs[:, 0]], x[pairs[:, 1]], steps=10,
-        y_a=None if y is None else y[pairs[:, 0]], y_b=None if y is None else y[pairs[:, 1]]))
+    n_pairs = min(5, len(x) // 2)  # up to 5 random pairs of images (a small data set has fewer)
+    if n_pairs:
+        pairs = torch.randperm(len(x), generator=g)[: 2 * n_pairs].view(n_pairs, 2)
+        figs["interpolations.png"] = plots.interpolations(generate.interpolate(
+            model, x[pairs[:, 0]], x[pairs[:, 1]], steps=10,
+            y_a=None if y is None else y[pairs[:, 0]], y_b=None if y is None else y[pairs[:, 1]]))
     dims = list(range(min(model.latent_dim, 10)))
     values = torch.linspace(-3, 3, 9)
     figs["traversal.png"] = plots.latent_traversal(
