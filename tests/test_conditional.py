@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vaekit import generate, runs
+from vaekit import generate, plots, runs
 from vaekit.cli import main
 from vaekit.config import ModelConfig, RunConfig
 from vaekit.errors import ConfigError
@@ -88,9 +88,14 @@ def test_by_class_rows_share_z_and_differ_by_label():
     model = cvae()
     grid = generate.by_class(model, per_class=4, seed=0)
     assert grid.shape == (3, 4, *SHAPE)
-    same_z = decode(model, torch.zeros(1, 2), torch.tensor([1])).mean  # not what the grid drew
-    assert not torch.allclose(grid[1, 0], same_z[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        z = model.prior().sample((4,))  # the draw by_class makes with seed 0
+    with torch.no_grad():
+        for c in range(3):  # row c: the same four codes, decoded with label c
+            torch.testing.assert_close(grid[c], decode(model, z, torch.full((4,), c)).mean)
     assert not torch.allclose(grid[0], grid[1])
+    assert not torch.equal(generate.by_class(model, per_class=4, seed=1), grid)  # another seed, other codes
 
 
 def test_misuse_is_a_clear_error():
@@ -134,7 +139,13 @@ def test_cli_conditional_run_samples_a_chosen_label(labelled_npz, tmp_path):
     assert (run / "classes.png").is_file()
     assert "classes.png" in (run / "report.html").read_text()
     assert main(["sample", str(run), "--label", "2", "--n", "9", "--out", str(tmp_path / "two.png")]) == 0
-    assert (tmp_path / "two.png").is_file()
+    assert main(["sample", str(run), "--label", "0", "--n", "9", "--out", str(tmp_path / "zero.png")]) == 0
+    # the same seed, so the same codes: only the label differs, and so do the images
+    assert (tmp_path / "two.png").read_bytes() != (tmp_path / "zero.png").read_bytes()
+    expected = tmp_path / "expected.png"
+    plots.samples(generate.sample(runs.load(run), 9, seed=0, label=2)).savefig(expected, dpi=110,
+                                                                              bbox_inches="tight", format="png")
+    assert (tmp_path / "two.png").read_bytes() == expected.read_bytes()
     assert main(["sample", str(run), "--label", "7"]) == 2
     assert main(["sample", str(run), "--label", "two"]) == 2  # this data names no classes
     assert main(["eval", str(run), "--k", "5", "--split", "valid", "--json", "--no-progress"]) == 0

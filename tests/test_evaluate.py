@@ -79,10 +79,10 @@ def linear_gaussian(d_x=5, d=3, sigma=0.7, q="full", orthogonal=False, seed=0, *
     return LinearGaussian(W, torch.randn(d_x, dtype=DT, generator=g), sigma, q, **kw)
 
 
-def small_vae(latent_dim=4, likelihood="bernoulli", seed=0):
+def small_vae(latent_dim=4, likelihood="bernoulli", seed=0, sigma=1.0):
     torch.manual_seed(seed)
     cfg = ModelConfig(latent_dim=latent_dim, hidden=(32,), activation="tanh",
-                      likelihood=likelihood, input_shape=(1, 6, 6))
+                      likelihood=likelihood, sigma=sigma, input_shape=(1, 6, 6))
     return build(cfg)
 
 
@@ -300,13 +300,27 @@ def test_bf16_close_to_fp32():
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert abs((bf16 - fp32).mean().item()) < 0.05
     assert (bf16 - fp32).abs().max().item() < 0.5
+    assert (bf16 != fp32).any()  # the bf16 path was taken
 
 
-def test_gaussian_likelihood_model_runs():
-    model = small_vae(likelihood="gaussian")
+def test_gaussian_likelihood_log_px_is_the_written_out_importance_sampling_estimate():
+    model = small_vae(likelihood="gaussian", sigma=0.3)
     x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(0))
-    est = ev.log_px(model, x, 10, chunk_size=3, seed=0)
-    assert est.shape == (4,) and torch.isfinite(est).all()
+    est = ev.log_px(model, x, 10, seed=0)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)
+        q = model.encode(x)
+        z = q.sample((10,))  # (k, B, D)
+        mean = model.decode(z).mean
+        # log N(x; mean, 0.3² I) + log N(z; 0, I) − log q(z|x), written out
+        log_lik = (-0.5 * ((x - mean) / 0.3) ** 2 - math.log(0.3) - 0.5 * math.log(2 * math.pi)).flatten(2).sum(-1)
+        log_prior = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)
+        sd = q.base_dist.scale
+        log_q = (-0.5 * ((z - q.mean) / sd) ** 2 - sd.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+        ref = torch.logsumexp(log_lik + log_prior - log_q, 0) - math.log(10)
+    torch.testing.assert_close(est, ref, rtol=1e-5, atol=1e-4)
+    chunked = ev.log_px(model, x, 10, chunk_size=3, seed=0)  # other draws, the same quantity
+    assert chunked.shape == (4,) and (chunked - est).abs().max() < 1.0
 
 
 def test_bad_arguments_name_the_problem():

@@ -6,6 +6,7 @@ from vaekit import generate
 from vaekit.config import ModelConfig
 from vaekit.models import build
 from vaekit.objectives import decode, encode
+from vaekit.plots import manifold_z
 
 
 def test_interpolation_runs_from_one_reconstruction_to_the_other_along_a_line():
@@ -26,3 +27,38 @@ def test_encode_mean_is_the_encoders_mean_in_batches():
     with torch.no_grad():
         whole = encode(model, x).mean
     torch.testing.assert_close(generate.encode_mean(model, x, batch_size=3), whole)
+
+
+def test_traversal_sets_one_dimension_of_the_images_code_at_a_time():
+    model = build(ModelConfig(input_shape=[1, 6, 6], latent_dim=4, hidden=[16]), seed=0).eval()
+    x = torch.rand(1, 1, 6, 6).bernoulli()
+    dims, values = [0, 2], torch.tensor([-2.0, 0.0, 1.5])
+    grid = generate.traversal(model, x[0], dims, values)
+    assert grid.shape == (2, 3, 1, 6, 6)
+    with torch.no_grad():
+        base = encode(model, x).mean[0]
+        for r, d in enumerate(dims):
+            for j, v in enumerate(values):
+                z = base.clone()
+                z[d] = v  # only dimension d moves; the others stay at the image's code
+                torch.testing.assert_close(grid[r, j], decode(model, z[None]).mean[0])
+
+
+def test_the_manifold_decodes_gaussian_quantiles_row_by_row_and_a_conditional_one_class_0():
+    from torch.distributions import Normal
+
+    model = build(ModelConfig(input_shape=[1, 6, 6], latent_dim=2, hidden=[16]), seed=0).eval()
+    n = 3
+    q = Normal(0.0, 1.0).icdf(torch.tensor([0.05, 0.5, 0.95]))
+    images = generate.manifold(model, n)
+    assert images.shape == (n * n, 1, 6, 6)
+    with torch.no_grad():
+        for i in range(n):
+            for j in range(n):  # row i, column j: z1 grows with j, z2 falls with i
+                z = torch.tensor([[q[j], q[n - 1 - i]]])
+                torch.testing.assert_close(images[i * n + j], decode(model, z).mean[0], atol=1e-5, rtol=1e-5)
+    cvae = build(ModelConfig(input_shape=[1, 6, 6], latent_dim=2, hidden=[16], n_classes=3), seed=0).eval()
+    with torch.no_grad():
+        zero = decode(cvae, manifold_z(n).float(), torch.zeros(n * n, dtype=torch.long)).mean
+    torch.testing.assert_close(generate.manifold(cvae, n), zero)
+    assert not torch.allclose(generate.manifold(cvae, n, label=2), zero)

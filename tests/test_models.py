@@ -93,7 +93,11 @@ def test_save_load_round_trip_gives_identical_outputs(cfg, tmp_path):
 
 
 def test_registry_rejects_unknown_arch():
-    assert "mlp" in REGISTRY
+    from vaekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown model architecture 'nope'; available: mlp, conv, mlp2, poor-man"):
+        build(ModelConfig(arch="nope"))
+    assert set(REGISTRY) == {"mlp", "conv", "mlp2", "poor-man"}
 
 
 @pytest.mark.parametrize("logit_shape, x_shape", [

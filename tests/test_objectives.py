@@ -578,3 +578,32 @@ def test_the_compiled_dreg_step_draws_and_computes_what_eager_iwae_does(arch, m,
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_poor_mans_loss_is_squared_error_plus_lambda_times_the_noisy_codes_norm():
+    from vaekit.config import TrainConfig
+    from vaekit.objectives import norm_penalty
+    from vaekit.train import loss_parts
+
+    torch.manual_seed(0)
+    model = build(ModelConfig(arch="poor-man", latent_dim=3, hidden=(16,), input_shape=(1, 4, 5),
+                              likelihood="gaussian", sigma=0.1))
+    x = torch.rand(6, 1, 4, 5)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        parts = norm_penalty(model, x, lam=0.25)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(1)
+        f = model.encoder(x.flatten(1))  # the deterministic code
+        z = f + torch.randn(6, 3)  # plus fixed unit noise, drawn as rsample draws it
+        x_hat = model.decoder(z).view(6, 1, 4, 5)
+    distortion = ((x - x_hat) ** 2).flatten(1).sum(1)
+    rate = z.pow(2).sum(1).sqrt()  # the norm, not its square, and no KL
+    torch.testing.assert_close(parts.distortion, distortion)
+    torch.testing.assert_close(parts.rate, rate)
+    torch.testing.assert_close(parts.loss, distortion + 0.25 * rate)
+    # the training loop takes λ from train.beta
+    tc = TrainConfig(objective="norm-penalty", beta=0.25)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        torch.testing.assert_close(loss_parts(model, x, None, 1.0, tc).loss, parts.loss)

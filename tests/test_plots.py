@@ -63,7 +63,10 @@ def test_latent_scatter_renders(d, labels):
 
 def test_uint8_images_are_scaled_and_out_of_range_values_clipped():
     x = (rand(4, 3, 5, 5) * 255).to(torch.uint8)
-    assert plots.tile(x, nrow=4).max() <= 1.0
+    tiled = plots.tile(x, nrow=4)
+    assert tiled.max() <= 1.0
+    # the first image, inside its 1-pixel border, is the uint8 values over 255
+    np.testing.assert_allclose(tiled[1:6, 1:6], x[0].permute(1, 2, 0).numpy() / 255, atol=1e-6)
     t = plots.tile(torch.full((1, 1, 2, 2), 3.0), nrow=1)
     assert t.max() == 1.0
 

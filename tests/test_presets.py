@@ -31,7 +31,13 @@ def test_preset_trains_one_epoch(name, digits_like, tmp_path):
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
     assert np.isfinite(summary["valid"]["elbo"])
-    assert json.loads((run / "config.json").read_text())["preset"] == name
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == name
+    for section, values in PRESETS[name].items():  # the run trained with every setting the preset names
+        for key, value in values.items():
+            if (section, key) != ("train", "epochs"):  # --epochs 1 overrides it
+                assert config[section][key] == value, (section, key)
+    assert config["train"]["epochs"] == 1 and summary["epochs"] == 1
 
 
 @pytest.mark.slow

@@ -122,9 +122,16 @@ def test_auto_streams_only_a_file_larger_than_the_memory_budget(npy, monkeypatch
     assert not load_path(npy, "auto").streamed
 
 
-def test_memory_budget_is_a_plausible_number_of_bytes():
-    budget = vdata.memory_budget()
-    assert budget is None or 2**20 < budget < 2**50
+def test_memory_budget_is_half_of_the_memory_available_now(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   8000000 kB\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(meminfo if path == "/proc/meminfo" else path,
+                                                                         *a, **k))
+    assert vdata.memory_budget() == 8_000_000 * 1024 // 2
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    monkeypatch.setattr(vdata.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}[name])
+    assert vdata.memory_budget() == 1000 * 4096 // 2  # without /proc: the pages available, halved
 
 
 def _anon_rss() -> int:

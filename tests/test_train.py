@@ -46,11 +46,55 @@ def test_fit_learns_and_writes_checkpoints(tmp_path):
     assert runs.read_jsonl(tmp_path / "metrics.jsonl") == metrics
     for name in ("model.safetensors", "last.safetensors", "state.safetensors"):
         assert (tmp_path / name).is_file()
-    best = min(metrics, key=lambda m: m["valid_nelbo"])["epoch"]
-    # model.safetensors holds the best epoch; if that is the last, it equals last.safetensors
-    if best == 4:
-        a, b = load_file(str(tmp_path / "model.safetensors")), load_file(str(tmp_path / "last.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_safetensors_holds_the_weights_of_the_best_validation_epoch(tmp_path, monkeypatch):
+    cfg = toy_config(epochs=4)
+    model = build(cfg.model)
+    real = train.elbo_means
+    scores = iter([5.0, 3.0, 4.0, 6.0])  # validation −ELBO of epochs 1..4, as if measured: epoch 2 is best
+
+    def judged(*args, **kwargs):
+        return {**real(*args, **kwargs), "nelbo": next(scores)}
+
+    monkeypatch.setattr(train, "elbo_means", judged)
+    snapshots = []
+    metrics = fit(model, cfg, toy_splits(), tmp_path, progress=False,
+                  on_epoch=lambda r: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}))
+    assert [m["valid_nelbo"] for m in metrics] == [5.0, 3.0, 4.0, 6.0]
+    best, last = load_file(str(tmp_path / "model.safetensors")), load_file(str(tmp_path / "last.safetensors"))
+    assert all(torch.equal(best[k], snapshots[1][k]) for k in best)
+    assert all(torch.equal(last[k], snapshots[3][k]) for k in last)
+    assert not all(torch.equal(best[k], last[k]) for k in best)
+
+
+def test_with_a_gradient_clip_a_non_finite_gradient_skips_the_step(tmp_path):
+    cfg = toy_config(epochs=1, grad_clip=1.0)
+    model = build(cfg.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = next(model.parameters())
+    weight.register_hook(lambda g: g * float("nan"))  # the loss stays finite; one gradient does not
+    with pytest.raises(RunError, match="diverged: 20 steps in a row had a non-finite loss or gradient"):
+        fit(model, cfg, toy_splits(n=1000), tmp_path, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no step was taken
+
+
+def test_a_gradient_clip_bounds_the_gradient_norm_of_each_step(monkeypatch):
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def clip_and_measure(params, max_norm):
+        params = list(params)
+        total = real(params, max_norm)
+        norms.append((total.item(), torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_measure)
+    cfg = toy_config(epochs=1, grad_clip=0.5)
+    fit(build(cfg.model), cfg, toy_splits(), None, progress=False)
+    assert len(norms) == 7  # 200 training images in batches of 32
+    assert all(before > 0.5 for before, _ in norms)  # the clip was in play at every step
+    assert all(after == pytest.approx(0.5, rel=1e-4) for _, after in norms)
 
 
 class Crash(Exception):
@@ -112,12 +156,16 @@ def test_non_finite_steps_are_skipped_then_training_stops_with_checkpoint_intact
     assert len(runs.read_jsonl(tmp_path / "metrics.jsonl")) == 1
 
 
-def test_bf16_autocast_trains(tmp_path):
-    cfg = toy_config(epochs=2, precision="bf16")
-    metrics = fit(build(cfg.model), cfg, toy_splits(), None, progress=False)
-    assert all(torch.isfinite(torch.tensor(m["valid_nelbo"])) for m in metrics)
-    assert metrics[-1]["valid_nelbo"] < metrics[0]["valid_nelbo"] + 1.0
-    json.dumps(metrics)  # plain floats only
+def test_bf16_autocast_trains_close_to_fp32_but_not_bit_for_bit(tmp_path):
+    runs_by = {}
+    for precision in ("fp32", "bf16"):
+        cfg = toy_config(epochs=3, precision=precision)
+        runs_by[precision] = fit(build(cfg.model, seed=0), cfg, toy_splits(), None, progress=False)
+    bf16, fp32 = runs_by["bf16"], runs_by["fp32"]
+    assert bf16[-1]["valid_nelbo"] < bf16[0]["valid_nelbo"]  # it learns
+    assert bf16[-1]["train_loss"] != fp32[-1]["train_loss"]  # the matmuls did run in bf16
+    assert abs(bf16[-1]["valid_nelbo"] - fp32[-1]["valid_nelbo"]) < 1.0
+    json.dumps(bf16)  # plain floats only
 
 
 def _weights_equal(a_path, b_path):
@@ -605,3 +653,37 @@ def test_ema_validates_and_saves_the_moving_average_and_leaves_training_alone(tm
     assert averaged[-1]["valid_nelbo"] == pytest.approx(
         train.elbo_means(judge, x_valid, cfg.train.eval_batch_size, seed=cfg.train.seed)["nelbo"], rel=1e-6)
     assert averaged[-1]["valid_nelbo"] != pytest.approx(plain[-1]["valid_nelbo"], rel=1e-6)
+
+
+@pytest.mark.parametrize("binarize", ["dynamic", "static", "none"])
+def test_what_each_binarization_feeds_the_model(binarize, monkeypatch):
+    # 32 copies of one grey image, one batch an epoch: the order of the batch cannot matter
+    grey = torch.linspace(0.2, 0.8, 36).view(1, 1, 6, 6)
+    ds = Dataset((grey.expand(32, 1, 6, 6) * 255).round().to(torch.uint8), None, "grey")
+    splits = Splits(ds, ds.take(slice(0, 8)), None)
+    seen = []
+    real = train.elbo
+    def recording(model, x, **kw):
+        if len(x) == 32:  # a training batch (validation has 8)
+            seen.append(x.clone())
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(train, "elbo", recording)
+    cfg = RunConfig.from_dict({"model": {"latent_dim": 2, "hidden": [8], "input_shape": [1, 6, 6]},
+                               "data": {"source": "grey", "binarize": binarize},
+                               "train": {"epochs": 2, "batch_size": 32}})
+    fit(build(cfg.model), cfg, splits, None, progress=False)
+    first, second = seen
+    scaled = ds.x[:1].float() / 255
+    if binarize == "none":  # grey values in [0, 1], the same each epoch
+        torch.testing.assert_close(first, scaled.expand_as(first))
+        assert torch.equal(second, first)
+        return
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    # each pixel is on about as often as its grey value says (32 draws of 36 pixels)
+    assert (first.mean(0) - scaled[0]).abs().mean() < 0.1
+    rows = [sorted(map(tuple, batch.flatten(1).tolist())) for batch in (first, second)]  # in any order
+    if binarize == "static":  # one draw per image, kept: the same 32 images, shuffled
+        assert rows[0] == rows[1] and not torch.equal(first[0], first[1])
+    else:  # a fresh draw each time an image is used
+        assert rows[0] != rows[1]

@@ -600,7 +600,10 @@ def fit(
                 grad_norm = (
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip else None
                 )
-                # A non-finite loss or gradient skips the update (vdvae's training_step does the same).
+                # A non-finite loss skips the update, and with grad_clip (whose norm is at hand) so does a
+                # non-finite gradient (vdvae's training_step does the same). Without it, a gradient gone
+                # non-finite on a finite loss leaves non-finite weights, whose losses are skipped in turn
+                # until training stops with the message below.
                 finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss + grad_norm)
                 if finite:
                     state["skipped_in_a_row"] = 0
