@@ -340,10 +340,8 @@ def train(
         for ds in (splits.train, splits.valid, splits.test):
             if ds is not None:
                 check_unit_range(ds)
-    if resume and list(splits.train.shape) != list(cfg.model.input_shape):
-        raise DataError(f"{out} trained on examples shaped {list(cfg.model.input_shape)}, and its data "
-                        f"{cfg.data.source} now holds {list(splits.train.shape)}: the data has changed since the "
-                        "run began. Put the run's data back, or train a new run on this data.")
+    if resume:
+        _same_shape(out, cfg, splits.train)
     if cfg.train.batch_size > len(splits.train):
         if resume:
             raise DataError(f"{out} trains in batches of {cfg.train.batch_size}, and its data {cfg.data.source} "
@@ -430,8 +428,8 @@ def _same_shape(run: Path, cfg: RunConfig, ds) -> None:
     if list(ds.shape) != list(cfg.model.input_shape):
         raise DataError(f"{run} trained on examples shaped {list(cfg.model.input_shape)}, and its data "
                         f"{cfg.data.source} now holds {list(ds.shape)}: the data has changed since the run began. "
-                        "Put the run's data back (eval, encode, reconstruct and interpolate take other "
-                        "images with --data).")
+                        "Put the run's data back, or train a new run on this data (eval, encode, reconstruct "
+                        "and interpolate take other images with --data).")
 
 
 def _not_the_input(out: Optional[Path], data: Optional[Path], run: Path) -> None:
