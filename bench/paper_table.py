@@ -207,11 +207,12 @@ def figure(recipes: list[tuple[str, dict[str, dict]]], path: Path) -> None:
               for name in sorted(rows, key=ROWS.index) if rows[name]["curve"]]
     styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (4, 1)), (0, (6, 2, 1, 2, 1, 2)),
               (0, (2, 2, 6, 2)), (0, (9, 2)), (0, (3, 1, 3, 1, 1, 1)), (0, (8, 1, 1, 1))]
+    markers = ["o", "s", "^", "D"]  # with the line style, one (style, marker) pair per recipe
     for name, pts, j in curves:
         color = f"C{ROWS.index(name) % 10}"
         label = name if j == 0 else f"{name} ({recipes[j][0]})"
-        ax.plot([p["epoch"] for p in pts], [p["nll"] for p in pts], marker="o", ls=styles[j % len(styles)],
-                color=color, label=label, ms=3)
+        ax.plot([p["epoch"] for p in pts], [p["nll"] for p in pts], ls=styles[j % len(styles)],
+                marker=markers[j // len(styles) % len(markers)], color=color, label=label, ms=3)
         ax.axhline(PAPER[parse_row(name)], color=color, ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_ylim(min(PAPER.values()) - 2, 125)  # the first epochs sit far above; the end is what matters
