@@ -46,3 +46,35 @@ def test_every_command_line_in_the_docs_names_a_command_and_its_real_options(doc
         assert name, f"{doc}: `vaekit {' '.join(words)}` names no vaekit command"
         unknown = [w.split("=")[0] for w in words if w.startswith("--") and w.split("=")[0] not in options]
         assert not unknown, f"{doc}: `vaekit {' '.join(words)}`: {name} has no option {unknown}"
+
+
+def paper_table_commands(path: Path) -> list[list[str]]:
+    """The arguments of every `bench/paper_table.py` line in the code blocks of a Markdown file, with the
+    shell variables the block sets (S="...") expanded."""
+    found, inside, variables = [], False, {}
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            inside, variables = not inside, {}
+            continue
+        if not inside:
+            continue
+        setting = re.fullmatch(r'([A-Z]+)="(.*)"', line.strip())
+        if setting:
+            variables[setting.group(1)] = setting.group(2)
+        elif "bench/paper_table.py" in line:
+            expanded = re.sub(r"\$([A-Z]+)", lambda m: variables[m.group(1)], line)
+            found.append(shlex.split(expanded.split("bench/paper_table.py", 1)[1]))
+    return found
+
+
+def test_every_paper_table_command_in_results_md_parses():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_table", ROOT / "bench" / "paper_table.py")
+    paper_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_table)
+    commands = paper_table_commands(ROOT / "docs" / "results.md")
+    assert len(commands) >= 40
+    for argv in commands:
+        args = paper_table.parser().parse_args(argv)  # an unknown option or a bad value exits
+        assert all(r in paper_table.ROWS for r in args.rows), argv
