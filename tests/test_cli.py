@@ -212,7 +212,8 @@ def test_eval_and_encode_take_other_data_and_score_each_image(tmp_path, npz, cap
     # the scores rank what the model has not seen as unlikely: inverted images score far worse
     odd = tmp_path / "odd.npz"
     np.savez(odd, x=np.concatenate([x, 255 - x]))
-    assert main(["eval", str(run), "--data", str(odd), "--k", "20", "--scores", str(scores), "--no-progress"]) == 0
+    assert main(["eval", str(run), "--data", str(odd), "--k", "20", "--scores", str(scores), "--no-progress",
+                 "--overwrite"]) == 0
     nll = np.load(scores)["nll"]
     assert nll[30:].min() > nll[:30].max()
 
@@ -262,6 +263,35 @@ def test_no_output_file_goes_into_the_image_folder_a_run_trained_on(tmp_path, ca
     with pytest.raises(ConfigError, match="is inside the run's training data"):
         _not_the_input(folder / "cat" / "codes.npz", None, run)
     _not_the_input(tmp_path / "codes.npz", None, run)  # beside the folder: fine
+
+
+def test_a_file_named_by_out_is_replaced_only_with_overwrite(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    mine = {"s.png": b"my picture", "r.png": b"my picture", "i.png": b"my picture", "c.npz": b"my table",
+            "scores.npz": b"my table"}
+    for name, content in mine.items():
+        (tmp_path / name).write_bytes(content)
+    commands = [
+        ["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.png")],
+        ["reconstruct", str(run), "--n", "4", "--out", str(tmp_path / "r.png")],
+        ["interpolate", str(run), "0", "1", "--out", str(tmp_path / "i.png")],
+        ["encode", str(run), "--out", str(tmp_path / "c.npz")],
+        ["eval", str(run), "--k", "2", "--no-progress", "--scores", str(tmp_path / "scores.npz")],
+    ]
+    for args in commands:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "already exists" in err and "--overwrite" in err, (args, err)
+    assert all((tmp_path / name).read_bytes() == content for name, content in mine.items())
+    for args in commands:
+        assert main([*args, "--overwrite"]) == 0, args
+    assert all((tmp_path / name).read_bytes() != content for name, content in mine.items())
+    assert set(np.load(tmp_path / "c.npz")) == {"z", "y"} and set(np.load(tmp_path / "scores.npz")) >= {"nll"}
+    # --overwrite never lets an output replace the run's training data
+    before = npz.read_bytes()
+    assert main(["encode", str(run), "--out", str(npz), "--overwrite"]) == 2
+    assert "is the run's training data" in capsys.readouterr().err and npz.read_bytes() == before
 
 
 def test_a_run_finds_its_data_from_any_folder_and_defaults_to_the_split_it_has(tmp_path, npz, monkeypatch):

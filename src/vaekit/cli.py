@@ -160,15 +160,24 @@ def _save_figures(run: Path, figs: dict) -> None:
         runs.atomic_write(run / name, lambda p, fig=fig: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
 
 
-def _out_file(out: Optional[Path], suffix: str) -> Optional[Path]:
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace the file --out names if it exists (the "
+                          "default output in the run is always replaced).")
+
+
+def _out_file(out: Optional[Path], suffix: str, run: Path, *, data: Optional[Path] = None,
+              overwrite: bool = False, option: str = "--out") -> Optional[Path]:
     """A command's --out file, checked before any work (None: the command's default); its folder is made
-    when the file is written."""
+    when the file is written. It never changes the data (_not_the_input), and a file the user named is
+    not replaced unless they say so."""
     if out is None:
         return None
     if Path(out).is_dir():
-        raise ConfigError(f"--out {out} is a folder; give a file name ending in {suffix}.")
+        raise ConfigError(f"{option} {out} is a folder; give a file name ending in {suffix}.")
     if Path(out).suffix.lower() != suffix:
-        raise ConfigError(f"--out must name a {suffix} file; got '{out}'.")
+        raise ConfigError(f"{option} must name a {suffix} file; got '{out}'.")
+    _not_the_input(Path(out), data, run)
+    if Path(out).exists() and not overwrite:
+        raise ConfigError(f"{option} {out} already exists; name a new file, or pass --overwrite to replace it.")
     return Path(out)
 
 
@@ -433,8 +442,8 @@ def _same_shape(run: Path, cfg: RunConfig, ds) -> None:
 
 
 def _not_the_input(out: Optional[Path], data: Optional[Path], run: Path) -> None:
-    """ConfigError if writing an output file would replace data: the --data file, or the run's own
-    training data (its file, or a file in its image folder)."""
+    """ConfigError if writing an output file would change data: replace the --data file or the run's
+    own training data, or put a file into either one's image folder."""
     if out is None:
         return
     target = out.expanduser().resolve()
@@ -445,8 +454,8 @@ def _not_the_input(out: Optional[Path], data: Optional[Path], run: Path) -> None
             continue
         path = Path(path).expanduser().resolve()
         if target == path or path in target.parents:
-            where = "is" if target == path else "is inside"
-            raise ConfigError(f"{out} {where} {what} ({path}); writing it would replace that data. "
+            where, does = ("is", "replace") if target == path else ("is inside", "change")
+            raise ConfigError(f"{out} {where} {what} ({path}); writing it would {does} that data. "
                               "Write the results to another file.")
 
 
@@ -527,6 +536,7 @@ def sample(
                                         "name (an image folder's subfolder) or number; a name wins (default: every "
                                         "class in turn)."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/samples.png)."),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Decode z ~ N(0, I) into a grid of images."""
     from vaekit import generate, plots
@@ -534,7 +544,8 @@ def sample(
     _check_count(n, 1024, "images a readable grid holds")
     _check_seed(seed)
     model = runs.load(run)
-    path = _out_file(out, ".png") or Path(run) / "samples.png"
+    path = _out_file(out, ".png", run, overwrite=overwrite)
+    path = path or Path(run) / "samples.png"
     imgs = generate.sample(model, n, seed=seed, label=_class_number(model.cfg, label))
     _save_figures(path.parent, {path.name: plots.samples(imgs)})
     typer.echo(str(path))
@@ -548,13 +559,15 @@ def reconstruct(
     data: Optional[Path] = typer.Option(None, "--data", help="Images from this file or folder (.npz, .npy, "
                                         "IDX, image folder) instead of the run's own data."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/reconstructions.png)."),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Show images above their reconstructions."""
     from vaekit import generate, plots
 
     _check_count(n, 256, "pairs a readable figure holds")
     model = runs.load(run)
-    path = _out_file(out, ".png") or Path(run) / "reconstructions.png"
+    path = _out_file(out, ".png", run, data=data, overwrite=overwrite)
+    path = path or Path(run) / "reconstructions.png"
     _, x, y, _ = _eval_images(run, split, limit=n, data=data)
     _save_figures(path.parent, {path.name: plots.reconstructions(x, generate.reconstruct(model, x, y))})
     typer.echo(str(path))
@@ -569,6 +582,7 @@ def encode(
                                         "image folder) instead of the run's own data."),
     out: Optional[Path] = typer.Option(None, "--out", help=".npz to write (default RUN/codes_SPLIT.npz, or "
                                        "RUN/codes_of_NAME.npz for --data NAME.npz)."),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Encode a split of the run's data, or other data, to the means of q(z|x), written as an .npz.
 
@@ -583,8 +597,7 @@ def encode(
     from vaekit.train import eval_set, labels_for
 
     model = runs.load(run)
-    path = _out_file(out, ".npz")
-    _not_the_input(path, data, run)
+    path = _out_file(out, ".npz", run, data=data, overwrite=overwrite)
     cfg, ds, split = _split(run, split, data=data)
     path = path or Path(run) / f"codes_{split}.npz"
     parts = [ds] if not ds.streamed else [  # a streamed split need not fit in memory at once
@@ -609,6 +622,7 @@ def interpolate(
                                         "IDX, image folder) instead of the run's own data."),
     steps: int = typer.Option(10, "--steps", help="Points on the line, ends included."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/interpolation_A_B.png)."),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Decode the straight line between the posterior means of two images of the run's data."""
     from vaekit import generate, plots
@@ -617,7 +631,8 @@ def interpolate(
     if not 2 <= steps <= 100:
         raise ConfigError(f"--steps must be between 2 and 100; got {steps}.")
     model = runs.load(run)
-    path = _out_file(out, ".png") or Path(run) / f"interpolation_{a}_{b}.png"
+    path = _out_file(out, ".png", run, data=data, overwrite=overwrite)
+    path = path or Path(run) / f"interpolation_{a}_{b}.png"
     cfg, ds, split = _split(run, split, data=data)
     source = f"the {split} split" if data is None else str(data)
     for name, i in (("A", a), ("B", b)):
@@ -654,6 +669,7 @@ def eval_(
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (decoder matmuls; sums in fp32). bf16 "
                                   "is faster only where the CPU multiplies bf16 fast (docs/results.md)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the importance samples."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the file --scores names if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's "
@@ -678,8 +694,7 @@ def eval_(
     if k < 1 or (limit is not None and limit < 1):
         raise VaekitError("--k and --limit must be at least 1.")
     _check_seed(seed)
-    scores = _out_file(scores, ".npz")
-    _not_the_input(scores, data, run)
+    scores = _out_file(scores, ".npz", run, data=data, overwrite=overwrite, option="--scores")
     cfg, ds, split = _split(run, split, limit, data)
     if ds.streamed:  # only other data can be: a run's valid and test splits are read into memory
         if limit is None:
