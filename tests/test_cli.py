@@ -294,6 +294,83 @@ def test_a_file_named_by_out_is_replaced_only_with_overwrite(tmp_path, npz, caps
     assert "is the run's training data" in capsys.readouterr().err and npz.read_bytes() == before
 
 
+def test_outputs_stay_out_of_the_data_and_the_mnist_cache(tmp_path, npz, capsys, monkeypatch):
+    from PIL import Image
+
+    from vaekit import runs
+    from vaekit.cli import _not_the_input
+    from vaekit.config import RunConfig
+    from vaekit.errors import ConfigError
+
+    # a run of MNIST: its data is the cache, so nothing may be written there
+    monkeypatch.setenv("VAEKIT_HOME", str(tmp_path / "home"))
+    mnist_run = tmp_path / "mnist_run"
+    mnist_run.mkdir()
+    runs.save_config(mnist_run, RunConfig())
+    with pytest.raises(ConfigError, match="is inside the run's training data"):
+        _not_the_input(tmp_path / "home" / "mnist" / "codes.npz", None, mnist_run)
+    with pytest.raises(ConfigError, match="is the run's training data"):
+        _not_the_input(tmp_path / "home" / "mnist", None, mnist_run)
+    _not_the_input(tmp_path / "home" / "codes.npz", None, mnist_run)  # beside the cache folder: fine
+
+    # a run may not be put inside the image folder it trains on
+    pets = tmp_path / "pets"
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (pets / c).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(pets / c / f"{i}.png")
+    before = sorted(p.relative_to(pets) for p in pets.rglob("*"))
+    assert main(train_args(pets / "run", pets)) == 2
+    assert "is inside the training data" in capsys.readouterr().err
+    assert sorted(p.relative_to(pets) for p in pets.rglob("*")) == before
+
+    # compare: not into a run's data, and what a named folder holds is kept without --overwrite
+    run = tmp_path / "run"
+    assert main(train_args(run, pets)) == 0
+    assert main(["compare", str(run), "--out", str(pets / "cat")]) == 2
+    assert "is inside the run's training data" in capsys.readouterr().err
+    assert sorted(p.relative_to(pets) for p in pets.rglob("*")) == before
+    cmp = tmp_path / "cmp"
+    cmp.mkdir()
+    (cmp / "report.html").write_text("my notes")
+    assert main(["compare", str(run), "--out", str(cmp)]) == 2
+    assert "already holds report.html" in capsys.readouterr().err
+    assert (cmp / "report.html").read_text() == "my notes" and not (cmp / "compare.png").exists()
+    assert main(["compare", str(run), "--out", str(cmp), "--overwrite"]) == 0
+    assert (cmp / "compare.png").exists() and "my notes" not in (cmp / "report.html").read_text()
+
+
+def test_out_with_a_tilde_the_shell_left_is_the_home_folder(tmp_path, npz, monkeypatch):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", str(run), "--n", "4", "--out=~/s.png"]) == 0
+    assert (tmp_path / "home" / "s.png").stat().st_size > 0 and not (tmp_path / "~").exists()
+
+
+def test_a_runs_config_json_starts_a_new_run_and_bad_config_files_are_named(tmp_path, npz, capsys):
+    from vaekit import runs
+
+    first = tmp_path / "first"
+    assert main(train_args(first, npz, "--set", "model.activation=tanh")) == 0
+    second = tmp_path / "second"
+    assert main(["train", "--out", str(second), "--config", str(first / "config.json"), "--no-progress"]) == 0
+    assert runs.load_config(second).model == runs.load_config(first).model
+    bad = tmp_path / "bad.json"
+    for text, words in (('{"model": {', "is not valid JSON"), ("[1, 2]", "must hold a JSON object")):
+        bad.write_text(text)
+        assert main(["train", "--out", str(tmp_path / "r"), "--config", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+    assert main([*train_args(tmp_path / "r", npz), "--set", "train.lr=1", "--set", "train.lr.x=2"]) == 2
+    assert "set each key once" in capsys.readouterr().err
+    assert main([*train_args(tmp_path / "r", npz), "--set", "data=1"]) == 2
+    assert "names no key of a section" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_run_finds_its_data_from_any_folder_and_defaults_to_the_split_it_has(tmp_path, npz, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(train_args("run", npz.name)) == 0  # a relative --data path

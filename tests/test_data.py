@@ -300,6 +300,16 @@ def test_image_folder_unreadable_and_16bit(tmp_path):
         load_path(tmp_path / "w")
 
 
+def test_image_folder_with_a_truncated_image_names_it(tmp_path):
+    rng = np.random.default_rng(0)
+    save_png(tmp_path / "t" / "a.png", rng.integers(0, 256, (32, 32), dtype=np.uint8))
+    save_png(tmp_path / "t" / "b.png", rng.integers(0, 256, (32, 32), dtype=np.uint8))
+    whole = (tmp_path / "t" / "b.png").read_bytes()
+    (tmp_path / "t" / "b.png").write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels do not
+    with pytest.raises(DataError, match=r"b\.png: cannot read the image's pixels"):
+        load_path(tmp_path / "t")
+
+
 # ---------------------------------------------------------------- IDX
 
 

@@ -156,6 +156,23 @@ def test_create_run_under_a_file_is_a_clear_error(tmp_path):
     assert (tmp_path / "f").read_text() == "user data"
 
 
+def test_a_file_that_cannot_be_written_is_a_run_error_not_an_oserror(tmp_path):
+    (tmp_path / "f").write_text("user data")
+    with pytest.raises(RunError, match="cannot write .*folder you can write to"):
+        runs.write_text(tmp_path / "f" / "report.html", "<html>")
+    assert (tmp_path / "f").read_text() == "user data"
+
+
+def test_damaged_json_files_of_a_run_are_named(tmp_path):
+    (tmp_path / "summary.json").write_text('{"epochs": 3')
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo')
+    with pytest.raises(RunError, match="summary.json is not valid JSON"):
+        runs.read_json(tmp_path / "summary.json", default={})
+    with pytest.raises(RunError, match="metrics.jsonl is not valid JSON lines"):
+        runs.read_jsonl(tmp_path / "metrics.jsonl")
+    assert runs.read_json(tmp_path / "missing.json", default={}) == {}
+
+
 def test_remove_temp_files_removes_only_atomic_write_leftovers(tmp_path):
     for name in (".state.safetensors.abc123.tmp", ".metrics.jsonl.x.tmp", "notes.tmp", ".hidden", "config.json"):
         (tmp_path / name).write_text("x")

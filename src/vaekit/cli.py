@@ -95,14 +95,20 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set takes section.key=value, e.g. model.latent_dim=2; got '{item}'.")
         key, raw = item.split("=", 1)
+        if "." not in key:
+            raise ConfigError(f"--set takes section.key=value, e.g. model.latent_dim=2; got '{item}', "
+                              "which names no key of a section.")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         node = out
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {'.'.join(parents[:i + 1])} was set to a value before, "
+                                  "so it has no keys; set each key once.")
         node[leaf] = value
     return out
 
@@ -171,14 +177,15 @@ def _out_file(out: Optional[Path], suffix: str, run: Path, *, data: Optional[Pat
     not replaced unless they say so."""
     if out is None:
         return None
-    if Path(out).is_dir():
+    out = Path(out).expanduser()
+    if out.is_dir():
         raise ConfigError(f"{option} {out} is a folder; give a file name ending in {suffix}.")
-    if Path(out).suffix.lower() != suffix:
+    if out.suffix.lower() != suffix:
         raise ConfigError(f"{option} must name a {suffix} file; got '{out}'.")
-    _not_the_input(Path(out), data, run)
-    if Path(out).exists() and not overwrite:
+    _not_the_input(out, data, run)
+    if os.path.lexists(out) and not overwrite:  # lexists: a dangling link is a name the user has used too
         raise ConfigError(f"{option} {out} already exists; name a new file, or pass --overwrite to replace it.")
-    return Path(out)
+    return out
 
 
 def finish_run(run: Path, *, progress: bool = True) -> dict:
@@ -195,7 +202,7 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
     x = eval_set(ds, cfg.data)
     metrics = runs.read_jsonl(run / "metrics.jsonl")
     ev = elbo_means(model, x, cfg.train.eval_batch_size, seed=cfg.train.seed, y=labels_for(ds, cfg.model))
-    old = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    old = runs.read_json(run / "summary.json", default={})
     summary = {
         **old,
         "latent_dim": cfg.model.latent_dim,
@@ -216,7 +223,7 @@ def write_report(run: Path) -> None:
     """report.html from what the run directory holds now: config, summary, metrics, figures."""
     from vaekit import figures, report
 
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    summary = runs.read_json(run / "summary.json", default={})
     figs = [(caption, name) for name, caption in figures.CAPTIONS.items() if (run / name).exists()]
     html = report.run_report(f"vaekit run: {run.name}", runs.load_config(run).to_dict(), summary, figs,
                              runs.read_jsonl(run / "metrics.jsonl"))
@@ -263,7 +270,8 @@ def train(
                                   "steps take longer). Falls back to eager with a message where it fails."),
     conditional: bool = typer.Option(False, "--conditional", help="A conditional VAE: encoder and decoder "
                                      "given the label (classes counted from the data's labels)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="A config.json to start from."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="A config.json to start from, e.g. another run's "
+                                               "(flags and --set override it)."),
     set_: List[str] = typer.Option([], "--set", help="Any config field: --set model.activation=tanh."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N "
                                                    "steps, not only after each epoch (for runs that may be killed)."),
@@ -303,7 +311,14 @@ def train(
         if config_file is not None:
             if not config_file.is_file():
                 raise ConfigError(f"--config {config_file} does not exist.")
-            base = merge(base, RunConfig.from_json(config_file.read_text()).to_dict())
+            try:
+                given = json.loads(config_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--config {config_file} is not valid JSON ({e}).") from None
+            if not isinstance(given, dict):
+                raise ConfigError(f"--config {config_file} must hold a JSON object of config sections.")
+            given.pop("vaekit_version", None)  # a run's own config.json is a fine start for a new run
+            base = merge(base, RunConfig.from_dict(given).to_dict())
         if preset_name:
             base = merge(base, {**preset(preset_name), "preset": preset_name})
         flags = {
@@ -338,6 +353,7 @@ def train(
         if preset_classes and cfg.data.source != "mnist" and "n_classes" not in overrides.get("model", {}):
             conditional, cfg = True, cfg.replace(model={"n_classes": 0})
     _prepare_out(out, resume)
+    _outside(out, cfg.data.source, "the training data")
 
     # Load and check the data before writing anything, so bad data leaves no run behind.
     splits = load_splits(cfg.data)
@@ -443,20 +459,25 @@ def _same_shape(run: Path, cfg: RunConfig, ds) -> None:
 
 def _not_the_input(out: Optional[Path], data: Optional[Path], run: Path) -> None:
     """ConfigError if writing an output file would change data: replace the --data file or the run's
-    own training data, or put a file into either one's image folder."""
+    own training data (for MNIST, the cache), or put a file into either one's folder."""
     if out is None:
         return
-    target = out.expanduser().resolve()
-    source = runs.load_config(run).data.source
-    inputs = [("the --data", data), ("the run's training data", None if source == "mnist" else source)]
-    for what, path in inputs:
-        if path is None:
-            continue
-        path = Path(path).expanduser().resolve()
-        if target == path or path in target.parents:
-            where, does = ("is", "replace") if target == path else ("is inside", "change")
-            raise ConfigError(f"{out} {where} {what} ({path}); writing it would {does} that data. "
-                              "Write the results to another file.")
+    _outside(out, data, "the --data")
+    _outside(out, runs.load_config(run).data.source, "the run's training data")
+
+
+def _outside(out: Path, source: Optional[str | Path], what: str) -> None:
+    """ConfigError if `out` is the data `source` (a path, or "mnist": its cache folder) or inside it."""
+    from vaekit.data import mnist_cache_path
+
+    if source is None:
+        return
+    path = (mnist_cache_path().parent if str(source) == "mnist" else Path(source)).expanduser().resolve()
+    target = Path(out).expanduser().resolve()
+    if target == path or path in target.parents:
+        where, does = ("is", "replace") if target == path else ("is inside", "change")
+        raise ConfigError(f"{out} {where} {what} ({path}); writing it would {does} that data. "
+                          "Write the results somewhere else.")
 
 
 def _write_npz(path: Path, arrays: dict) -> None:
@@ -720,7 +741,7 @@ def eval_(
                    {"nll": per_image.numpy(), "y": ds.y.numpy()})
     if data is None:
         summary_path = Path(run) / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        summary = runs.read_json(summary_path, default={})
         runs.write_json(summary_path, {**summary, f"{split}_eval": result})
         write_report(Path(run))
     if as_json:
@@ -742,27 +763,36 @@ def eval_(
 @app.command()
 def compare(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories to compare."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for compare.png and report.html."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for compare.png and report.html "
+                                       "(default ./compare)."),
     n: int = typer.Option(8, "--n", help="Images per row."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace compare.png and report.html if the "
+                                   "folder --out names holds them (in ./compare they are always replaced)."),
 ) -> None:
     """Reconstructions of several runs side by side, with their test ELBO."""
     from vaekit import generate, plots, report
     from vaekit.train import eval_set, labels_for
 
     _check_count(n, 64, "images a readable row holds")
-    out = out or Path("compare")
+    named, out = out is not None, (out or Path("compare")).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; compare writes compare.png and report.html into a folder.")
     if (out / "config.json").exists():
         raise ConfigError(f"--out {out} is a run directory, and compare would replace its report.html; "
                           "give another folder.")
+    for run in run_dirs:
+        _not_the_input(out / "compare.png", None, run)
+    there = [name for name in ("compare.png", "report.html") if os.path.lexists(out / name)]
+    if named and there and not overwrite:
+        raise ConfigError(f"--out {out} already holds {' and '.join(there)}; name a new folder, or pass "
+                          "--overwrite to replace them.")
     rows, table = [], []
     # Every run reconstructs the first run's images (with their labels, for a conditional model).
     first_cfg, ds0, _ = _split(run_dirs[0], None, limit=n)
     x0 = eval_set(ds0, first_cfg.data)
     for run in run_dirs:
         cfg = runs.load_config(run)
-        summary = json.loads((Path(run) / "summary.json").read_text()) if (Path(run) / "summary.json").exists() else {}
+        summary = runs.read_json(Path(run) / "summary.json", default={})
         split = "test" if "test" in summary else "valid"
         elbo_value = summary.get(split, {}).get("elbo", float("nan"))
         if list(cfg.model.input_shape) != list(first_cfg.model.input_shape):

@@ -337,8 +337,11 @@ def _load_image_folder(folder: Path) -> Dataset:
     w, h = sizes[0]
     x = np.empty((len(files), h, w) if gray else (len(files), h, w, 3), np.uint8)
     for i, f in enumerate(files):
-        with Image.open(f) as im:
-            x[i] = np.asarray(im.convert("L" if gray else "RGB"))
+        try:
+            with Image.open(f) as im:
+                x[i] = np.asarray(im.convert("L" if gray else "RGB"))
+        except OSError as e:  # a header that reads, pixels that do not (a truncated file)
+            raise DataError(f"{f}: cannot read the image's pixels ({e}); fix or remove the file.") from e
     x = x if gray else x.transpose(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
     y = None if labels is None else torch.tensor(labels, dtype=torch.int64)
     classes = None if labels is None else tuple(sub.name for sub in subdirs)

@@ -46,7 +46,10 @@ TEMP_SUFFIX = ".tmp"  # temp files are ".NAME.<random>.tmp" beside NAME
 def atomic_write(path: Path, write) -> None:
     """Write via ``write(tmp_path)`` into a temp file beside ``path``, fsync, then rename over it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:  # e.g. a folder one may not write to: say so, not a traceback
+        raise RunError(f"cannot write {path}: {e.strerror}. Choose a folder you can write to.") from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
@@ -101,9 +104,24 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSON-lines file, one a line ([] if there is no file)."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in lines]
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path} is not valid JSON lines ({e}); the run directory is damaged.") from None
+
+
+def read_json(path: Path, default: dict | None = None) -> dict:
+    """A run's JSON file as a dict (``default`` if there is no file)."""
+    if default is not None and not Path(path).exists():
+        return default
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path} is not valid JSON ({e}); the run directory is damaged.") from None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
