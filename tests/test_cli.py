@@ -169,7 +169,16 @@ def test_encode_writes_the_posterior_means_and_labels_and_interpolate_a_figure(t
     np.testing.assert_array_equal(codes["y"], valid.y.numpy())
 
     assert main(["interpolate", str(run), "3", "7", "--split", "valid", "--steps", "6"]) == 0
+    assert (run / "interpolation_valid_3_7.png").stat().st_size > 0
+    assert main(["interpolate", str(run), "3", "7"]) == 0  # the default split: the short name
     assert (run / "interpolation_3_7.png").stat().st_size > 0
+    # the report's reconstructions.png stays the default split's; other images get files of their own
+    report_figure = (run / "reconstructions.png").read_bytes()
+    assert main(["reconstruct", str(run), "--split", "train", "--n", "4"]) == 0
+    assert main(["reconstruct", str(run), "--data", str(npz), "--n", "4"]) == 0
+    assert (run / "reconstructions_train.png").stat().st_size > 0
+    assert (run / f"reconstructions_of_{npz.stem}.png").stat().st_size > 0
+    assert (run / "reconstructions.png").read_bytes() == report_figure
 
     # a conditional model: each image is encoded with its own label
     cvae = tmp_path / "cvae"

@@ -579,7 +579,9 @@ def reconstruct(
     split: Optional[str] = typer.Option(None, "--split", help="train, valid or test " + _DEFAULT_SPLIT),
     data: Optional[Path] = typer.Option(None, "--data", help="Images from this file or folder (.npz, .npy, "
                                         "IDX, image folder) instead of the run's own data."),
-    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/reconstructions.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/reconstructions.png; "
+                                       "with --split S, RUN/reconstructions_S.png; with --data NAME.npz, "
+                                       "RUN/reconstructions_of_NAME.png)."),
     overwrite: bool = _OVERWRITE,
 ) -> None:
     """Show images above their reconstructions."""
@@ -588,8 +590,10 @@ def reconstruct(
     _check_count(n, 256, "pairs a readable figure holds")
     model = runs.load(run)
     path = _out_file(out, ".png", run, data=data, overwrite=overwrite)
-    path = path or Path(run) / "reconstructions.png"
-    _, x, y, _ = _eval_images(run, split, limit=n, data=data)
+    _, x, y, name = _eval_images(run, split, limit=n, data=data)
+    # the report's figure is of the default split; other images get a file of their own
+    path = path or Path(run) / ("reconstructions.png" if split is None and data is None else
+                                f"reconstructions_{name}.png")
     _save_figures(path.parent, {path.name: plots.reconstructions(x, generate.reconstruct(model, x, y))})
     typer.echo(str(path))
 
@@ -642,7 +646,9 @@ def interpolate(
     data: Optional[Path] = typer.Option(None, "--data", help="Images from this file or folder (.npz, .npy, "
                                         "IDX, image folder) instead of the run's own data."),
     steps: int = typer.Option(10, "--steps", help="Points on the line, ends included."),
-    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/interpolation_A_B.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN/interpolation_A_B.png; "
+                                       "with --split S or --data NAME.npz, RUN/interpolation_S_A_B.png or "
+                                       "RUN/interpolation_of_NAME_A_B.png)."),
     overwrite: bool = _OVERWRITE,
 ) -> None:
     """Decode the straight line between the posterior means of two images of the run's data."""
@@ -653,8 +659,9 @@ def interpolate(
         raise ConfigError(f"--steps must be between 2 and 100; got {steps}.")
     model = runs.load(run)
     path = _out_file(out, ".png", run, data=data, overwrite=overwrite)
-    path = path or Path(run) / f"interpolation_{a}_{b}.png"
+    given = split is not None or data is not None
     cfg, ds, split = _split(run, split, data=data)
+    path = path or Path(run) / (f"interpolation_{split}_{a}_{b}.png" if given else f"interpolation_{a}_{b}.png")
     source = f"the {split} split" if data is None else str(data)
     for name, i in (("A", a), ("B", b)):
         if not 0 <= i < len(ds):
