@@ -39,5 +39,6 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
+# The environment only: runs/ holds trained models (the demo's and the user's) and is kept.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache
