@@ -118,3 +118,21 @@ def test_bernoulli_likelihood_is_bitwise_torch_distributions(logit_shape, x_shap
     (grad_ref,) = torch.autograd.grad(ref.sum(), logits)
     assert ours.shape == ref.shape == logit_shape[: len(logit_shape) - n]
     assert torch.equal(ours, ref) and torch.equal(grad_ours, grad_ref)
+
+
+def test_two_layer_log_q_of_a_sample_reaches_every_encoder_weight_and_follows_an_edited_z():
+    # log q(z|x) of a z drawn without a graph (score-function estimators use it) must still
+    # differentiate q(z2|z1); and a z edited in place is scored as it now is, not as drawn.
+    torch.manual_seed(0)
+    model = build(ModelConfig(arch="mlp2", input_shape=(1, 4, 4), latent1_dim=3, latent_dim=2, hidden=(8,),
+                              hidden2=(6,)))
+    x = torch.rand(5, 1, 4, 4).round()
+    q = model.encode(x)
+    z = q.sample()
+    q.log_prob(z).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.startswith("q_z2"))
+    z = q.rsample()
+    z[..., :3] += 1.0
+    fresh = q.first.log_prob(z[..., :3]) + q.second(z[..., :3]).log_prob(z[..., 3:])
+    torch.testing.assert_close(q.log_prob(z), fresh)

@@ -36,7 +36,7 @@ class GaussianChain(Distribution):
         self.second_fixed = second_fixed
         d = first.event_shape[0] + d_second
         super().__init__(first.batch_shape, torch.Size([d]), validate_args=False)
-        self._cache: tuple[torch.Tensor, torch.Tensor, Distribution] | None = None
+        self._cache: tuple[torch.Tensor, int | None, bool, Distribution] | None = None
 
     def _split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d_a = self.first.event_shape[0]
@@ -58,7 +58,11 @@ class GaussianChain(Distribution):
         a = from_noise(self.first, eps_a)
         cond = self.second(a)
         z = self._join(a, from_noise(cond, eps_b))
-        self._cache = (z, a, cond)  # log_prob(z) right after this reuses the conditional
+        # log_prob(z) of this very z reuses the conditional, while z is unchanged and if its graph is
+        # as log_prob's would be (a z drawn by sample(), without a graph, gets a fresh one). Compiled
+        # code edits no z in place, and reading a tensor's version there would break its graph.
+        version = None if torch.compiler.is_compiling() else z._version
+        self._cache = (z, version, torch.is_grad_enabled(), cond)
         return z
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
@@ -67,8 +71,11 @@ class GaussianChain(Distribution):
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         a, b = self._split(z)
-        if self._cache is not None and self._cache[0] is z:
-            cond = self._cache[2]
+        cached = self._cache
+        if (cached is not None and cached[0] is z
+                and (torch.compiler.is_compiling() or cached[1] == z._version)
+                and (cached[2] or not torch.is_grad_enabled())):
+            cond = cached[3]
         else:
             cond = self.second(a)
         return self.first.log_prob(a) + cond.log_prob(b)
