@@ -1,5 +1,6 @@
 """The model contract: shapes, distributions, init, and a save/load round trip."""
 
+import re
 from typing import get_args
 
 import pytest
@@ -136,3 +137,19 @@ def test_two_layer_log_q_of_a_sample_reaches_every_encoder_weight_and_follows_an
     z[..., :3] += 1.0
     fresh = q.first.log_prob(z[..., :3]) + q.second(z[..., :3]).log_prob(z[..., 3:])
     torch.testing.assert_close(q.log_prob(z), fresh)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv", "mlp2", "poor-man"])
+def test_wrong_images_or_codes_get_a_message_not_a_torch_error(arch):
+    from vaekit.errors import ConfigError
+
+    extra = {"channels": (4,)} if arch == "conv" else {}
+    model = build(ModelConfig(arch=arch, input_shape=(1, 8, 8), latent_dim=3, hidden=(8,), **extra))
+    x = torch.rand(2, 1, 8, 8).round()
+    model.encode(x)  # the right shape passes
+    for bad, words in ((x.flatten(1), "shape (B, 1, 8, 8); got (2, 64)"), (x[0], "got (1, 8, 8)"),
+                       ((x * 255).to(torch.uint8), "float images")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            model.encode(bad)
+    with pytest.raises(ConfigError, match=re.escape(f"codes of size {model.latent_dim}")):
+        model.decode(torch.zeros(2, model.latent_dim + 1))

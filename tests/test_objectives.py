@@ -607,3 +607,12 @@ def test_the_poor_mans_loss_is_squared_error_plus_lambda_times_the_noisy_codes_n
     with torch.random.fork_rng():
         torch.manual_seed(1)
         torch.testing.assert_close(loss_parts(model, x, None, 1.0, tc).loss, parts.loss)
+
+
+@pytest.mark.parametrize("k", [0, -2, 2.5, True])
+def test_sample_counts_below_one_or_not_whole_are_named(k):
+    model = build(ModelConfig(latent_dim=2, hidden=(4,), input_shape=(1, 3, 3)))
+    x = torch.rand(2, 1, 3, 3).round()
+    for objective in (lambda: elbo(model, x, k=k), lambda: iwae(model, x, k), lambda: iwae_bound(model, x, k)):
+        with pytest.raises(ConfigError, match="samples of z per example"):
+            objective()

@@ -81,6 +81,8 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     runs.save_weights(tmp_path / "model.safetensors", build(ModelConfig(latent_dim=2, hidden=(4, 4), input_shape=(3,))))
     with pytest.raises(RunError, match="does not match"):
         runs.load(tmp_path)
+    with pytest.raises(RunError, match="'best' .* or 'last'; got 'bset'"):
+        runs.load(tmp_path, which="bset")  # a typo must not quietly load the last epoch's weights
 
 
 def test_optimizer_state_round_trip():

@@ -243,6 +243,14 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = No
     _check_k(k)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ConfigError(f"chunk_size must be a whole number >= 1 or None, got {chunk_size!r}.")
+    cfg = getattr(model, "cfg", None)  # a vaekit model's ModelConfig (a hand-made model may have none)
+    if y is not None and cfg is not None and not cfg.n_classes:
+        raise ConfigError("labels y were given, but this model is not conditional: its log p(x) takes none. "
+                          "Drop y (or train a conditional model for log p(x|y)).")
+    x = _as_float(x)
+    if cfg is not None and cfg.likelihood == "bernoulli" and len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise ConfigError(f"a Bernoulli decoder scores values in [0, 1]; x holds {float(x.min()):g} to "
+                          f"{float(x.max()):g}. Scale the images to [0, 1] first (uint8 pixels are divided by 255).")
     device = _device(model)
     if device.type == "cpu":
         keep_freed_memory()  # each chunk's temporaries reuse the last chunk's pages (vaekit.cpu)

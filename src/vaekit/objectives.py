@@ -58,6 +58,7 @@ def elbo(model, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0, k: i
     that many nats under each latent dimension's KL in the loss (Kingma et al. 2016, eq. 15),
     applied per example; the reported rate stays the true KL. y: the labels, for a conditional model.
     """
+    _check_samples(k)
     q = encode(model, x, y)
     z = q.rsample() if k == 1 else q.rsample((k,))  # (B, D) or (k, B, D): z = μ + σ·ε, ε ~ N(0, I)
     p = model.prior()
@@ -115,6 +116,11 @@ def log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,
     return decode(model, z, y).log_prob(x) + model.prior().log_prob(z) - q.log_prob(z)
 
 
+def _check_samples(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k (samples of z per example) must be a whole number >= 1, got {k!r}.")
+
+
 def iwae_bound(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None) -> torch.Tensor:
     """L_k per example, shape (B,): logsumexp_i log w_i − log k with z_i ~ q(z|x) reparameterized."""
     return iwae(model, x, k, y).elbo_k
@@ -160,6 +166,7 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     each example's k samples, drawn by their weights, not all of them; see dreg_from_noise.
     ``loss`` keeps its value. q must then be a diagonal Gaussian or a GaussianChain of them.
     """
+    _check_samples(k)
     q = encode(model, x, y)
     if dreg and 0 < grad_samples < k and has_graph(q):
         return dreg_from_noise(model, x, y, draw_noise(q, (k,)), None, beta, grad_samples, q=q)

@@ -241,6 +241,8 @@ def load(run: Path, which: str = "best", device: str | torch.device = "cpu") -> 
     """Rebuild a trained model from a run directory: config.json + safetensors, no pickle."""
     from vaekit.models import build
 
+    if which not in ("best", "last"):
+        raise RunError(f"which must be 'best' (the epoch chosen on validation data) or 'last'; got {which!r}.")
     run = check_run_dir(run)
     cfg = load_config(run)
     model = build(cfg.model).to(device)

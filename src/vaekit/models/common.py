@@ -79,6 +79,27 @@ def fit_output_bias_(model: nn.Module, mean: torch.Tensor) -> None:
     layer.bias.copy_(m)
 
 
+def check_images(x: torch.Tensor, input_shape: tuple[int, ...], exact: bool = False) -> None:
+    """ConfigError unless x is a batch of float images of the model's shape: (B, *input_shape), or
+    with exact=False any leading dimensions before it. Skipped inside compiled code (training
+    checks its data once, before the loop)."""
+    if torch.compiler.is_compiling():
+        return
+    shape, n = tuple(input_shape), len(input_shape)
+    if tuple(x.shape[-n:]) != shape or x.dim() < n + 1 or (exact and x.dim() != n + 1):
+        raise ConfigError(f"this model takes a batch of images of shape (B, {', '.join(map(str, shape))}); got "
+                          f"{tuple(x.shape)}. Reshape the batch (one image: x[None]; channels come first).")
+    if not x.is_floating_point():
+        raise ConfigError(f"this model takes float images (values in [0, 1] for a Bernoulli decoder); got {x.dtype}."
+                          " Convert them first, e.g. x.float() / 255 for uint8 pixels.")
+
+
+def check_code(z: torch.Tensor, d: int) -> None:
+    """ConfigError unless z is a batch of codes of size d (its last dimension)."""
+    if not torch.compiler.is_compiling() and (z.dim() < 1 or z.shape[-1] != d):
+        raise ConfigError(f"this model decodes codes of size {d} (shape (..., {d})); got {tuple(z.shape)}.")
+
+
 def join_label(h: torch.Tensor, y: torch.Tensor | None, n_classes: int) -> torch.Tensor:
     """[h, one_hot(y)] along the last dim, for a conditional model (n_classes > 0); h itself otherwise.
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from vaekit.config import ModelConfig
-from vaekit.models.common import ACTIVATIONS, Likelihood, diag_gaussian, join_label, mlp, standard_normal, xavier_
+from vaekit.models.common import (ACTIVATIONS, Likelihood, check_code, check_images, diag_gaussian, join_label, mlp,
+                                  standard_normal, xavier_)
 
 
 def _down(n: int) -> int:
@@ -68,12 +69,14 @@ class ConvVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """q(z|x) for x of shape (B, C, H, W)."""
+        check_images(x, self.input_shape, exact=True)
         x = x.contiguous(memory_format=torch.channels_last)
         h = join_label(self.conv_encoder(x).flatten(1), y, self.cfg.n_classes)
         return diag_gaussian(self.dense_encoder(h))
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None):
         """p(x|z) for z of shape (..., B, D): batch shape (..., B), event shape (C, H, W)."""
+        check_code(z, self.latent_dim)
         batch = z.shape[:-1]
         z = join_label(z, y, self.cfg.n_classes)
         f = self.dense_decoder(z.reshape(-1, z.shape[-1])).view(-1, *self.feature_shape)

@@ -20,7 +20,8 @@ from torch import nn
 from torch.distributions import Distribution, Independent
 
 from vaekit.config import ModelConfig
-from vaekit.models.common import Likelihood, diag_gaussian, join_label, mlp, standard_normal, xavier_
+from vaekit.models.common import (Likelihood, check_code, check_images, diag_gaussian, join_label, mlp,
+                                  standard_normal, xavier_)
 
 
 class MLPVAE(nn.Module):
@@ -48,11 +49,13 @@ class MLPVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Independent:
         """q(z|x) for x of shape (B, *input_shape): a diagonal Gaussian with batch shape (B,)."""
+        check_images(x, self.input_shape)
         h = join_label(x.flatten(start_dim=-len(self.input_shape)), y, self.cfg.n_classes)
         return diag_gaussian(self.encoder(h))
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> Independent:
         """p(x|z) for z of shape (..., B, D): batch shape (..., B), event shape input_shape."""
+        check_code(z, self.latent_dim)
         return self.likelihood(self.decoder(join_label(z, y, self.cfg.n_classes)).unflatten(-1, self.input_shape))
 
     def prior(self) -> Independent:

@@ -17,7 +17,8 @@ from torch import nn
 
 from vaekit.config import ModelConfig
 from vaekit.distributions import GaussianChain
-from vaekit.models.common import Likelihood, diag_gaussian, forward_params_detached, mlp, standard_normal, xavier_
+from vaekit.models.common import (Likelihood, check_code, check_images, diag_gaussian, forward_params_detached, mlp,
+                                  standard_normal, xavier_)
 
 
 class TwoLayerVAE(nn.Module):
@@ -45,6 +46,7 @@ class TwoLayerVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, y: None = None) -> GaussianChain:
         """q(z1, z2 | x) = q(z1|x) q(z2|z1), batch shape (B,), event (d1 + d2,)."""
+        check_images(x, self.input_shape)
         q1 = diag_gaussian(self.q_z1(x.flatten(start_dim=-len(self.input_shape))))
         return GaussianChain(q1, lambda z1: diag_gaussian(self.q_z2(z1)), self.cfg.latent_dim, order="ab",
                              second_fixed=lambda z1: diag_gaussian(forward_params_detached(self.q_z2, z1)))
@@ -56,5 +58,6 @@ class TwoLayerVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, y: None = None):
         """p(x|z1) for z = [z1, z2] of shape (..., d1 + d2); z2 is ignored given z1."""
+        check_code(z, self.latent_dim)
         z1 = z[..., : self.cfg.latent1_dim]
         return self.likelihood(self.decoder(z1).unflatten(-1, self.input_shape))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributions import Independent, Normal
 
 from vaekit.config import ModelConfig
-from vaekit.models.common import Likelihood, mlp, standard_normal, xavier_
+from vaekit.models.common import Likelihood, check_code, check_images, mlp, standard_normal, xavier_
 
 
 class PoorMansVAE(nn.Module):
@@ -45,10 +45,12 @@ class PoorMansVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, y: None = None) -> Independent:
         """N(f(x), I): the code plus fixed unit noise."""
+        check_images(x, self.input_shape)
         f = self.encoder(x.flatten(start_dim=-len(self.input_shape))).float()
         return Independent(Normal(f, torch.ones_like(f), validate_args=False), 1)
 
     def decode(self, z: torch.Tensor, y: None = None) -> Independent:
+        check_code(z, self.latent_dim)
         return self.likelihood(self.decoder(z).unflatten(-1, self.input_shape))
 
     def prior(self) -> Independent:
