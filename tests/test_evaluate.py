@@ -337,6 +337,8 @@ def test_bad_arguments_name_the_problem():
         ev.log_px(model, x * 255, 5)  # float pixels left unscaled
     with pytest.raises(ConfigError, match=r"shape \(B, 1, 6, 6\); got \(2, 36\)"):
         ev.log_px(model, x.flatten(1), 5)
+    with pytest.raises(ConfigError, match="batch_size"):
+        ev.nll_per_image(model, x, 5, batch_size=-1, progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -62,3 +62,17 @@ def test_the_manifold_decodes_gaussian_quantiles_row_by_row_and_a_conditional_on
         zero = decode(cvae, manifold_z(n).float(), torch.zeros(n * n, dtype=torch.long)).mean
     torch.testing.assert_close(generate.manifold(cvae, n), zero)
     assert not torch.allclose(generate.manifold(cvae, n, label=2), zero)
+
+
+def test_a_grid_or_a_traversal_the_model_cannot_draw_is_named():
+    import pytest
+
+    from vaekit.errors import ConfigError
+
+    model = build(ModelConfig(latent_dim=3, hidden=(8,), input_shape=(1, 4, 4)))
+    with pytest.raises(ConfigError, match="2-D latent space; this model has 3"):
+        generate.manifold(model, 4)
+    x = torch.rand(1, 4, 4).round()
+    with pytest.raises(ConfigError, match=r"dims \[3, -1\] are not latent dimensions .*0\.\.2"):
+        generate.traversal(model, x, [0, 3, -1], torch.linspace(-2, 2, 5))
+    assert generate.traversal(model, x, [0, 2], torch.linspace(-2, 2, 5)).shape == (2, 5, 1, 4, 4)

@@ -315,6 +315,8 @@ def nll_per_image(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Ten
     The result depends on (seed, k, batch_size), not on how log_px chunks the samples.
     """
     _check_k(k)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a whole number >= 1 or None, got {batch_size!r}.")
     n = len(x_all)
     if n == 0:
         raise ConfigError("estimating log p(x) needs at least one image; x_all is empty.")

@@ -112,7 +112,9 @@ def manifold(model, n: int = 20, label: int | None = None) -> torch.Tensor:
     A conditional model draws the grid for class `label` (default 0).
     """
     if model.latent_dim != 2:
-        raise ValueError(f"the manifold grid needs a 2-D latent space; this model has {model.latent_dim}.")
+        raise ConfigError(f"the manifold grid needs a 2-D latent space; this model has {model.latent_dim} "
+                          "dimensions (for two stochastic layers, z1 and z2 together). Plot its codes with "
+                          "`vaekit encode` instead, or train with --latent-dim 2.")
     if label is None and n_classes(model):
         label = 0
     z = manifold_z(n)
@@ -134,6 +136,9 @@ def by_class(model, per_class: int = 10, seed: int = 0) -> torch.Tensor:
 def traversal(model, x: torch.Tensor, dims: list[int], values: torch.Tensor,
               y: int | torch.Tensor | None = None) -> torch.Tensor:
     """Vary one latent dimension at a time around the code of one image x: (len(dims), len(values), *shape)."""
+    bad = [d for d in dims if not (isinstance(d, int) and 0 <= d < model.latent_dim)]
+    if bad:
+        raise ConfigError(f"dims {bad} are not latent dimensions of this model (0..{model.latent_dim - 1}).")
     y1 = None if y is None else torch.as_tensor(y).long().reshape(1)
     base = encode_mean(model, x[None], y=y1)[0]  # (D,)
     z = base.repeat(len(dims), len(values), 1)  # (dims, values, D)
