@@ -272,6 +272,17 @@ def test_no_output_file_goes_into_the_image_folder_a_run_trained_on(tmp_path, ca
     with pytest.raises(ConfigError, match="is inside the run's training data"):
         _not_the_input(folder / "cat" / "codes.npz", None, run)
     _not_the_input(tmp_path / "codes.npz", None, run)  # beside the folder: fine
+    # a class folder or an image that is a link: its target is the data too
+    (tmp_path / "store" / "cats").mkdir(parents=True)
+    (tmp_path / "store" / "a.png").write_bytes(b"an image")
+    (folder / "dog").mkdir(parents=True)
+    (folder / "cat").symlink_to(tmp_path / "store" / "cats")
+    (folder / "dog" / "a.png").symlink_to(tmp_path / "store" / "a.png")
+    with pytest.raises(ConfigError, match="is inside the run's training data"):
+        _not_the_input(tmp_path / "store" / "cats" / "x.png", None, run)
+    with pytest.raises(ConfigError, match="is the run's training data"):
+        _not_the_input(tmp_path / "store" / "a.png", None, run)
+    _not_the_input(tmp_path / "store" / "b.png", None, run)
 
 
 def test_a_file_named_by_out_is_replaced_only_with_overwrite(tmp_path, npz, capsys):

@@ -474,10 +474,15 @@ def _outside(out: Path, source: Optional[str | Path], what: str) -> None:
         return
     path = (mnist_cache_path().parent if str(source) == "mnist" else Path(source)).expanduser().resolve()
     target = Path(out).expanduser().resolve()
-    if target == path or path in target.parents:
-        where, does = ("is", "replace") if target == path else ("is inside", "change")
-        raise ConfigError(f"{out} {where} {what} ({path}); writing it would {does} that data. "
-                          "Write the results somewhere else.")
+    places = [path]
+    if path.is_dir():  # an image folder's class folders and images may be links to elsewhere
+        places += [p.resolve() for p in path.iterdir() if p.is_symlink()]
+        places += [f.resolve() for sub in path.iterdir() if sub.is_dir() for f in sub.iterdir() if f.is_symlink()]
+    for place in places:
+        if target == place or place in target.parents:
+            where, does = ("is", "replace") if target == place else ("is inside", "change")
+            raise ConfigError(f"{out} {where} {what} ({place}); writing it would {does} that data. "
+                              "Write the results somewhere else.")
 
 
 def _write_npz(path: Path, arrays: dict) -> None:
