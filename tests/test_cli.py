@@ -396,6 +396,9 @@ def test_a_run_finds_its_data_from_any_folder_and_defaults_to_the_split_it_has(t
     assert main(train_args("run", npz.name)) == 0  # a relative --data path
     source = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["source"]
     assert source == str(npz.resolve())
+    # a relative path given by --set is made absolute the same way
+    assert main([*train_args("run_set", "mnist"), "--set", f"data.source={npz.name}"]) == 0
+    assert json.loads((tmp_path / "run_set" / "config.json").read_text())["data"]["source"] == str(npz.resolve())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -348,6 +348,8 @@ def train(
             mnist_bernoulli = merged["model"]["likelihood"] == "bernoulli" and merged["data"]["source"] == "mnist"
             merged["data"]["binarize"] = "dynamic" if mnist_bernoulli else "none"
         cfg = RunConfig.from_dict(merged)
+        if _absolute(cfg.data.source) != cfg.data.source:  # a path from --set or --config, like --data's
+            cfg = cfg.replace(data={"source": _absolute(cfg.data.source)})
         # A preset's class count (cvae: 10) is MNIST's; other labelled data has its classes counted.
         preset_classes = bool(preset_name and preset(preset_name).get("model", {}).get("n_classes"))
         if preset_classes and cfg.data.source != "mnist" and "n_classes" not in overrides.get("model", {}):
