@@ -105,6 +105,8 @@ def test_misuse_is_a_clear_error():
         model.encode(x)
     with pytest.raises(ConfigError, match="0..2"):
         model.encode(x, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ConfigError, match="whole class numbers"):
+        model.encode(x, torch.tensor([0.0, 1.7, 2.0, 1.0]))  # .long() would quietly make 1.7 class 1
     with pytest.raises(ConfigError, match="not conditional"):
         generate.sample(build(ModelConfig(hidden=(8,), latent_dim=2, input_shape=SHAPE)), 2, label=1)
     with pytest.raises(ConfigError, match="out of range"):

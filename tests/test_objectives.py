@@ -616,3 +616,12 @@ def test_sample_counts_below_one_or_not_whole_are_named(k):
     for objective in (lambda: elbo(model, x, k=k), lambda: iwae(model, x, k), lambda: iwae_bound(model, x, k)):
         with pytest.raises(ConfigError, match="samples of z per example"):
             objective()
+
+
+def test_a_negative_kl_weight_is_named():
+    model = build(ModelConfig(latent_dim=2, hidden=(4,), input_shape=(1, 3, 3)))
+    x = torch.rand(2, 1, 3, 3).round()
+    for objective in (lambda: elbo(model, x, beta=-1.0), lambda: iwae(model, x, 3, beta=-0.5)):
+        with pytest.raises(ConfigError, match="beta"):
+            objective()
+    assert torch.isfinite(elbo(model, x, beta=0.0).loss).all()  # β = 0: a plain autoencoder's loss, allowed

@@ -59,6 +59,7 @@ def elbo(model, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0, k: i
     applied per example; the reported rate stays the true KL. y: the labels, for a conditional model.
     """
     _check_samples(k)
+    _check_beta(beta)
     q = encode(model, x, y)
     z = q.rsample() if k == 1 else q.rsample((k,))  # (B, D) or (k, B, D): z = μ + σ·ε, ε ~ N(0, I)
     p = model.prior()
@@ -116,6 +117,12 @@ def log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,
     return decode(model, z, y).log_prob(x) + model.prior().log_prob(z) - q.log_prob(z)
 
 
+def _check_beta(beta: float | torch.Tensor) -> None:
+    """A KL weight given as a number must not be negative (a tensor is training's warm-up schedule's)."""
+    if isinstance(beta, (int, float)) and not beta >= 0:
+        raise ConfigError(f"beta (the KL weight) must be a number >= 0, got {beta!r}.")
+
+
 def _check_samples(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k (samples of z per example) must be a whole number >= 1, got {k!r}.")
@@ -167,6 +174,7 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     ``loss`` keeps its value. q must then be a diagonal Gaussian or a GaussianChain of them.
     """
     _check_samples(k)
+    _check_beta(beta)
     q = encode(model, x, y)
     if dreg and 0 < grad_samples < k and has_graph(q):
         return dreg_from_noise(model, x, y, draw_noise(q, (k,)), None, beta, grad_samples, q=q)

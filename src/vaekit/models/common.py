@@ -111,6 +111,9 @@ def join_label(h: torch.Tensor, y: torch.Tensor | None, n_classes: int) -> torch
     if y is None:
         raise ConfigError(f"this is a conditional model ({n_classes} classes): pass the labels y as well.")
     y = torch.as_tensor(y, device=h.device)
+    if y.is_floating_point() or y.is_complex():
+        raise ConfigError(f"labels must be whole class numbers (an integer tensor); got {y.dtype}. "
+                          "Convert them with y.long() if they are whole.")
     if y.shape != h.shape[-2:-1]:
         raise ConfigError(f"got {tuple(y.shape)} labels for a batch of {h.shape[-2]}; give one label per example.")
     # Checked where it costs no device sync (on CUDA one_hot itself refuses bad labels).
