@@ -201,8 +201,10 @@ def figure(recipes: list[tuple[str, dict[str, dict]]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(10, 4.8))
+    # above: the whole of each curve; below: from epoch 50 on, where the rows near their targets
+    fig, (ax, zoom) = plt.subplots(2, 1, figsize=(10, 8.6), height_ratios=(1, 0.9))
     curves = [(name, rows[name]["curve"], j) for j, (_, rows) in enumerate(recipes)
               for name in sorted(rows, key=ROWS.index) if rows[name]["curve"]]
     styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (4, 1)), (0, (6, 2, 1, 2, 1, 2)),
@@ -211,16 +213,26 @@ def figure(recipes: list[tuple[str, dict[str, dict]]], path: Path) -> None:
     for name, pts, j in curves:
         color = f"C{ROWS.index(name) % 10}"
         label = name if j == 0 else f"{name} ({recipes[j][0]})"
-        ax.plot([p["epoch"] for p in pts], [p["nll"] for p in pts], ls=styles[j % len(styles)],
-                marker=markers[j // len(styles) % len(markers)], color=color, label=label, ms=3)
-        ax.axhline(PAPER[parse_row(name)], color=color, ls=":", lw=1)
-    ax.set_xscale("log")
+        for axes in (ax, zoom):
+            axes.plot([p["epoch"] for p in pts], [p["nll"] for p in pts], ls=styles[j % len(styles)],
+                      marker=markers[j // len(styles) % len(markers)], color=color, label=label, ms=3)
+            axes.axhline(PAPER[parse_row(name)], color=color, ls=":", lw=1)
+    last = max((p["epoch"] for _, pts, _ in curves for p in pts), default=100)
+    for axes in (ax, zoom):
+        axes.set_xscale("log")
+        axes.set_xlabel("epoch (passes over the training images)")
+        axes.set_ylabel("test NLL, nats (k = 5000, first 1000 test images)")
+        axes.grid(alpha=0.3, which="both")
     ax.set_ylim(min(PAPER.values()) - 2, 125)  # the first epochs sit far above; the end is what matters
-    ax.set_xlabel("epoch (passes over the training images)")
-    ax.set_ylabel("test NLL, nats (k = 5000, first 1000 test images)")
+    zoom.set_xlim(50, max(last * 1.1, 60))
+    zoom.set_xticks([t for t in (50, 75, 100, 150, 200, 300, 400, 500, 700, 1000) if t <= max(last * 1.1, 60)])
+    zoom.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    zoom.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    zoom.set_ylim(min(PAPER.values()) - 2, 90)
     ax.set_title("Test NLL against epochs; dotted: Burda et al. 2015 after 3280 epochs", fontsize=10)
+    zoom.set_title("From epoch 50 on (the first 1000 test images score 0.6 to 1.4 nats below all 10k)",
+                   fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: the curves' ends stay visible
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
