@@ -283,6 +283,8 @@ def test_no_output_file_goes_into_the_image_folder_a_run_trained_on(tmp_path, ca
     with pytest.raises(ConfigError, match="is the run's training data"):
         _not_the_input(tmp_path / "store" / "a.png", None, run)
     _not_the_input(tmp_path / "store" / "b.png", None, run)
+    (folder / "loop").symlink_to(folder / "loop")  # a link to itself: the loader skips it, and so does the check
+    _not_the_input(tmp_path / "store" / "b.png", None, run)
 
 
 def test_a_file_named_by_out_is_replaced_only_with_overwrite(tmp_path, npz, capsys):
@@ -350,6 +352,11 @@ def test_outputs_stay_out_of_the_data_and_the_mnist_cache(tmp_path, npz, capsys,
     assert main(train_args(run, pets)) == 0
     assert main(["compare", str(run), "--out", str(pets / "cat")]) == 2
     assert "is inside the run's training data" in capsys.readouterr().err
+    # --data mnist is the path ./mnist (not the cache), and it is guarded like any other
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mnist").symlink_to(pets)
+    assert main(["reconstruct", str(run), "--data", "mnist", "--out", "mnist/cat/new.png"]) == 2
+    assert "is inside the --data" in capsys.readouterr().err
     assert sorted(p.relative_to(pets) for p in pets.rglob("*")) == before
     cmp = tmp_path / "cmp"
     cmp.mkdir()
@@ -359,6 +366,25 @@ def test_outputs_stay_out_of_the_data_and_the_mnist_cache(tmp_path, npz, capsys,
     assert (cmp / "report.html").read_text() == "my notes" and not (cmp / "compare.png").exists()
     assert main(["compare", str(run), "--out", str(cmp), "--overwrite"]) == 0
     assert (cmp / "compare.png").exists() and "my notes" not in (cmp / "report.html").read_text()
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, npz, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # what a folder one may not write to does (root may)
+    for args in (["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.png")],
+                 ["encode", str(run), "--out", str(tmp_path / "c.npz")],
+                 ["compare", str(run), "--out", str(tmp_path / "cmp")]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "cannot write into" in err and "Permission denied" in err and "Traceback" not in err, err
 
 
 def test_out_with_a_tilde_the_shell_left_is_the_home_folder(tmp_path, npz, monkeypatch):
@@ -387,7 +413,7 @@ def test_a_runs_config_json_starts_a_new_run_and_bad_config_files_are_named(tmp_
     assert main([*train_args(tmp_path / "r", npz), "--set", "train.lr=1", "--set", "train.lr.x=2"]) == 2
     assert "set each key once" in capsys.readouterr().err
     assert main([*train_args(tmp_path / "r", npz), "--set", "data=1"]) == 2
-    assert "names no key of a section" in capsys.readouterr().err
+    assert "replace the whole data section" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

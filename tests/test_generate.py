@@ -76,3 +76,7 @@ def test_a_grid_or_a_traversal_the_model_cannot_draw_is_named():
     with pytest.raises(ConfigError, match=r"dims \[3, -1\] are not latent dimensions .*0\.\.2"):
         generate.traversal(model, x, [0, 3, -1], torch.linspace(-2, 2, 5))
     assert generate.traversal(model, x, [0, 2], torch.linspace(-2, 2, 5)).shape == (2, 5, 1, 4, 4)
+    import numpy as np
+
+    dims = list(np.arange(3))  # numpy's whole numbers are dimensions too
+    assert generate.traversal(model, x, dims, torch.linspace(-2, 2, 5)).shape == (3, 5, 1, 4, 4)

@@ -153,3 +153,17 @@ def test_wrong_images_or_codes_get_a_message_not_a_torch_error(arch):
             model.encode(bad)
     with pytest.raises(ConfigError, match=re.escape(f"codes of size {model.latent_dim}")):
         model.decode(torch.zeros(2, model.latent_dim + 1))
+
+
+def test_a_two_layer_model_works_under_inference_mode():
+    # inference tensors have no version counter; the chain's cache must not ask for one
+    from vaekit.evaluate import log_px
+
+    torch.manual_seed(0)
+    model = build(ModelConfig(arch="mlp2", input_shape=(1, 4, 4), latent1_dim=3, latent_dim=2, hidden=(8,),
+                              hidden2=(6,)))
+    x = torch.rand(3, 1, 4, 4).round()
+    with torch.inference_mode():
+        assert torch.isfinite(elbo(model, x).loss).all()
+        assert torch.isfinite(log_px(model, x, 10, seed=0)).all()
+        assert model.prior().sample((2,)).shape == (2, 5)

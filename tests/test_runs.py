@@ -158,13 +158,6 @@ def test_create_run_under_a_file_is_a_clear_error(tmp_path):
     assert (tmp_path / "f").read_text() == "user data"
 
 
-def test_a_file_that_cannot_be_written_is_a_run_error_not_an_oserror(tmp_path):
-    (tmp_path / "f").write_text("user data")
-    with pytest.raises(RunError, match="cannot write .*folder you can write to"):
-        runs.write_text(tmp_path / "f" / "report.html", "<html>")
-    assert (tmp_path / "f").read_text() == "user data"
-
-
 def test_damaged_json_files_of_a_run_are_named(tmp_path):
     (tmp_path / "summary.json").write_text('{"epochs": 3')
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo')

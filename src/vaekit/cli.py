@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input or usage (a message, no traceback unless
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -88,6 +89,9 @@ def _parse_hidden(text: str) -> list[int]:
     return sizes
 
 
+_SECTIONS = {key for key, value in RunConfig().to_dict().items() if isinstance(value, dict)}
+
+
 def _parse_set(items: list[str]) -> dict[str, Any]:
     """--set model.latent_dim=2 --set train.lr=3e-4 -> nested dict (values parsed as JSON when they can be)."""
     out: dict[str, Any] = {}
@@ -95,9 +99,9 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set takes section.key=value, e.g. model.latent_dim=2; got '{item}'.")
         key, raw = item.split("=", 1)
-        if "." not in key:
+        if key in _SECTIONS:
             raise ConfigError(f"--set takes section.key=value, e.g. model.latent_dim=2; got '{item}', "
-                              "which names no key of a section.")
+                              f"which would replace the whole {key} section.")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -160,10 +164,23 @@ def _make_folder(folder: Path) -> None:
         raise ConfigError(f"cannot make the folder {folder}: {e.strerror}.") from None
 
 
+@contextlib.contextmanager
+def _writable(folder: Path):
+    """An output that cannot be written (a folder one may not write to, a full disk) is a clear error.
+    Not for training's own files: fit explains those, with how to resume."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"cannot write into {folder}: {e.strerror}. Choose a folder you can write to, "
+                       "or free some space.") from None
+
+
 def _save_figures(run: Path, figs: dict) -> None:
     _make_folder(run)
-    for name, fig in figs.items():
-        runs.atomic_write(run / name, lambda p, fig=fig: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+    with _writable(run):
+        for name, fig in figs.items():
+            runs.atomic_write(run / name, lambda p, fig=fig: fig.savefig(p, dpi=110, bbox_inches="tight",
+                                                                         format="png"))
 
 
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace the file --out names if it exists (the "
@@ -355,7 +372,7 @@ def train(
         if preset_classes and cfg.data.source != "mnist" and "n_classes" not in overrides.get("model", {}):
             conditional, cfg = True, cfg.replace(model={"n_classes": 0})
     _prepare_out(out, resume)
-    _outside(out, cfg.data.source, "the training data")
+    _outside(out, _source_path(cfg.data.source), "the training data")
 
     # Load and check the data before writing anything, so bad data leaves no run behind.
     splits = load_splits(cfg.data)
@@ -464,22 +481,32 @@ def _not_the_input(out: Optional[Path], data: Optional[Path], run: Path) -> None
     own training data (for MNIST, the cache), or put a file into either one's folder."""
     if out is None:
         return
-    _outside(out, data, "the --data")
-    _outside(out, runs.load_config(run).data.source, "the run's training data")
+    _outside(out, None if data is None else Path(data), "the --data")  # --data mnist is a path like any
+    _outside(out, _source_path(runs.load_config(run).data.source), "the run's training data")
 
 
-def _outside(out: Path, source: Optional[str | Path], what: str) -> None:
-    """ConfigError if `out` is the data `source` (a path, or "mnist": its cache folder) or inside it."""
+def _source_path(source: str) -> Path:
+    """Where a run's data.source lives: a path, or for "mnist" the cache folder."""
     from vaekit.data import mnist_cache_path
 
+    return mnist_cache_path().parent if source == "mnist" else Path(source)
+
+
+def _outside(out: Path, source: Optional[Path], what: str) -> None:
+    """ConfigError if `out` is the data at `source` or inside it (a link into it counts)."""
     if source is None:
         return
-    path = (mnist_cache_path().parent if str(source) == "mnist" else Path(source)).expanduser().resolve()
+    path = source.expanduser().resolve()
     target = Path(out).expanduser().resolve()
     places = [path]
     if path.is_dir():  # an image folder's class folders and images may be links to elsewhere
-        places += [p.resolve() for p in path.iterdir() if p.is_symlink()]
-        places += [f.resolve() for sub in path.iterdir() if sub.is_dir() for f in sub.iterdir() if f.is_symlink()]
+        links = [p for p in path.iterdir() if p.is_symlink()]
+        links += [f for sub in path.iterdir() if sub.is_dir() for f in sub.iterdir() if f.is_symlink()]
+        for link in links:
+            try:
+                places.append(link.resolve(strict=False))
+            except (OSError, RuntimeError):  # a loop of links: the loader skips it, and so can we
+                pass
     for place in places:
         if target == place or place in target.parents:
             where, does = ("is", "replace") if target == place else ("is inside", "change")
@@ -497,7 +524,8 @@ def _write_npz(path: Path, arrays: dict) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    runs.atomic_write(path, write)
+    with _writable(path.parent):
+        runs.atomic_write(path, write)
 
 
 def _new_data(cfg: RunConfig, data: Path):
@@ -825,7 +853,8 @@ def compare(
     _save_figures(out, {"compare.png": plots.compare(x0, rows)})
     html = report.index_report("vaekit comparison", table, [("Reconstructions of the same test images by each run, "
                                                               "with its test ELBO.", "compare.png")])
-    runs.write_text(out / "report.html", html)
+    with _writable(out):
+        runs.write_text(out / "report.html", html)
     typer.echo(str(out / "report.html"))
 
 

@@ -60,8 +60,9 @@ class GaussianChain(Distribution):
         z = self._join(a, from_noise(cond, eps_b))
         # log_prob(z) of this very z reuses the conditional, while z is unchanged and if its graph is
         # as log_prob's would be (a z drawn by sample(), without a graph, gets a fresh one). Compiled
-        # code edits no z in place, and reading a tensor's version there would break its graph.
-        version = None if torch.compiler.is_compiling() else z._version
+        # code edits no z in place, and reading a tensor's version there would break its graph; an
+        # inference tensor has no version to read.
+        version = None if torch.compiler.is_compiling() or z.is_inference() else z._version
         self._cache = (z, version, torch.is_grad_enabled(), cond)
         return z
 
@@ -73,7 +74,7 @@ class GaussianChain(Distribution):
         a, b = self._split(z)
         cached = self._cache
         if (cached is not None and cached[0] is z
-                and (torch.compiler.is_compiling() or cached[1] == z._version)
+                and (torch.compiler.is_compiling() or cached[1] is None or cached[1] == z._version)
                 and (cached[2] or not torch.is_grad_enabled())):
             cond = cached[3]
         else:

@@ -8,6 +8,8 @@ encodes or decodes; sampling takes the class to draw.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from vaekit.errors import ConfigError
@@ -113,8 +115,9 @@ def manifold(model, n: int = 20, label: int | None = None) -> torch.Tensor:
     """
     if model.latent_dim != 2:
         raise ConfigError(f"the manifold grid needs a 2-D latent space; this model has {model.latent_dim} "
-                          "dimensions (for two stochastic layers, z1 and z2 together). Plot its codes with "
-                          "`vaekit encode` instead, or train with --latent-dim 2.")
+                          "dimensions (for two stochastic layers, z1 and z2 together). Its codes can be "
+                          "written with `vaekit encode`; for the grid, train a one-layer model with "
+                          "--latent-dim 2.")
     if label is None and n_classes(model):
         label = 0
     z = manifold_z(n)
@@ -136,7 +139,13 @@ def by_class(model, per_class: int = 10, seed: int = 0) -> torch.Tensor:
 def traversal(model, x: torch.Tensor, dims: list[int], values: torch.Tensor,
               y: int | torch.Tensor | None = None) -> torch.Tensor:
     """Vary one latent dimension at a time around the code of one image x: (len(dims), len(values), *shape)."""
-    bad = [d for d in dims if not (isinstance(d, int) and 0 <= d < model.latent_dim)]
+    def valid(d) -> bool:  # a whole number (numpy's too) in range
+        try:
+            return 0 <= operator.index(d) < model.latent_dim
+        except TypeError:
+            return False
+
+    bad = [d for d in dims if not valid(d)]
     if bad:
         raise ConfigError(f"dims {bad} are not latent dimensions of this model (0..{model.latent_dim - 1}).")
     y1 = None if y is None else torch.as_tensor(y).long().reshape(1)

@@ -46,10 +46,7 @@ TEMP_SUFFIX = ".tmp"  # temp files are ".NAME.<random>.tmp" beside NAME
 def atomic_write(path: Path, write) -> None:
     """Write via ``write(tmp_path)`` into a temp file beside ``path``, fsync, then rename over it."""
     path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    except OSError as e:  # e.g. a folder one may not write to: say so, not a traceback
-        raise RunError(f"cannot write {path}: {e.strerror}. Choose a folder you can write to.") from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
