@@ -331,8 +331,11 @@ def test_bad_arguments_name_the_problem():
         ev.log_px(model, x, 0)
     with pytest.raises(ConfigError, match="chunk_size"):
         ev.log_px(model, x, 5, chunk_size=0)
-    with pytest.raises(ConfigError, match="not conditional"):
-        ev.log_px(model, x, 5, y=torch.tensor([0, 1]))  # silently ignored labels would misname the number
+    for call in (lambda: ev.log_px(model, x, 5, y=torch.tensor([0, 1])),  # ignored labels would misname it
+                 lambda: ev.elbo_terms(model, x, y_all=torch.tensor([0, 1])),
+                 lambda: ev.active_units(model, x, y_all=torch.tensor([0, 1]))):
+        with pytest.raises(ConfigError, match="not conditional"):
+            call()
     with pytest.raises(ConfigError, match=r"values in \[0, 1\]; x holds 0 to 255"):
         ev.log_px(model, x * 255, 5)  # float pixels left unscaled
     with pytest.raises(ConfigError, match=r"shape \(B, 1, 6, 6\); got \(2, 36\)"):

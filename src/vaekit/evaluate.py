@@ -93,6 +93,15 @@ def _autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def _check_labels(model, y: torch.Tensor | None) -> None:
+    """Labels are for a conditional model only: given to another, they would be ignored, and a
+    number reported as log p(x|y) would be log p(x)."""
+    cfg = getattr(model, "cfg", None)  # a vaekit model's ModelConfig (a hand-made model may have none)
+    if y is not None and cfg is not None and not cfg.n_classes:
+        raise ConfigError("labels y were given, but this model is not conditional: it takes none. "
+                          "Drop y (or train a conditional model for log p(x|y)).")
+
+
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k (importance samples per image) must be a whole number >= 1, got {k!r}.")
@@ -243,10 +252,8 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = No
     _check_k(k)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ConfigError(f"chunk_size must be a whole number >= 1 or None, got {chunk_size!r}.")
+    _check_labels(model, y)
     cfg = getattr(model, "cfg", None)  # a vaekit model's ModelConfig (a hand-made model may have none)
-    if y is not None and cfg is not None and not cfg.n_classes:
-        raise ConfigError("labels y were given, but this model is not conditional: its log p(x) takes none. "
-                          "Drop y (or train a conditional model for log p(x|y)).")
     x = _as_float(x)
     if cfg is not None and cfg.likelihood == "bernoulli" and len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
         raise ConfigError(f"a Bernoulli decoder scores values in [0, 1]; x holds {float(x.min()):g} to "
@@ -369,6 +376,7 @@ def elbo_terms(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None,
     kl_per_dim is the closed-form KL of each latent dimension, averaged over the
     set; None when q(z|x) and p(z) are not factorised (Independent) distributions.
     """
+    _check_labels(model, y_all)
     device = _device(model)
     nelbo, recon, kl, kl_dims = [], [], [], []
     with _eval_mode(model), _seeded(seed, device):
@@ -408,6 +416,7 @@ def active_units(model, x_all: torch.Tensor, threshold: float = 0.01, batch_size
     Returns (number of active dims, (D,) float64 variances over x of q's mean;
     population variance, i.e. divided by N).
     """
+    _check_labels(model, y_all)
     device = _device(model)
     means = []
     with _eval_mode(model):
