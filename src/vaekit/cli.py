@@ -341,7 +341,7 @@ def train(
         flags = {
             "model": {"latent_dim": latent_dim, "activation": activation, "likelihood": likelihood,
                       "hidden": _parse_hidden(hidden) if hidden else None},
-            "data": {"source": _absolute(data), "binarize": binarize, "subset": subset, "stream": stream},
+            "data": {"source": data, "binarize": binarize, "subset": subset, "stream": stream},
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed,
                       "precision": precision, "checkpoint_every": checkpoint_every, "objective": objective,
                       "k": k, "warmup_steps": warmup, "free_bits": free_bits, "lr_schedule": lr_schedule,
@@ -365,7 +365,7 @@ def train(
             mnist_bernoulli = merged["model"]["likelihood"] == "bernoulli" and merged["data"]["source"] == "mnist"
             merged["data"]["binarize"] = "dynamic" if mnist_bernoulli else "none"
         cfg = RunConfig.from_dict(merged)
-        if _absolute(cfg.data.source) != cfg.data.source:  # a path from --set or --config, like --data's
+        if _absolute(cfg.data.source) != cfg.data.source:  # from --data, --set or --config alike
             cfg = cfg.replace(data={"source": _absolute(cfg.data.source)})
         # A preset's class count (cvae: 10) is MNIST's; other labelled data has its classes counted.
         preset_classes = bool(preset_name and preset(preset_name).get("model", {}).get("n_classes"))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from vaekit.cpu import keep_freed_memory
 from vaekit.errors import ConfigError
-from vaekit.objectives import decode, elbo, encode, kl_per_dim
+from vaekit.objectives import check_count, decode, elbo, encode, kl_per_dim
 
 ESTIMATOR = "importance sampling, proposal q(z|x)"
 PRECISIONS = ("fp32", "bf16")
@@ -100,11 +100,6 @@ def _check_labels(model, y: torch.Tensor | None) -> None:
     if y is not None and cfg is not None and not cfg.n_classes:
         raise ConfigError("labels y were given, but this model is not conditional: it takes none. "
                           "Drop y (or train a conditional model for log p(x|y)).")
-
-
-def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"k (importance samples per image) must be a whole number >= 1, got {k!r}.")
 
 
 def _draws(sample: Callable[[tuple[int, ...]], torch.Tensor], per_draw: int, k: int, chunk_size: int):
@@ -249,15 +244,16 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = No
     untouched, and the same seed, k and batch give the same result for any
     chunk_size); None draws from the global RNG.
     """
-    _check_k(k)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ConfigError(f"chunk_size must be a whole number >= 1 or None, got {chunk_size!r}.")
+    check_count(k, "k (importance samples per image)")
+    check_count(chunk_size, "chunk_size", optional=True)
     _check_labels(model, y)
     cfg = getattr(model, "cfg", None)  # a vaekit model's ModelConfig (a hand-made model may have none)
     x = _as_float(x)
-    if cfg is not None and cfg.likelihood == "bernoulli" and len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
-        raise ConfigError(f"a Bernoulli decoder scores values in [0, 1]; x holds {float(x.min()):g} to "
-                          f"{float(x.max()):g}. Scale the images to [0, 1] first (uint8 pixels are divided by 255).")
+    if cfg is not None and cfg.likelihood == "bernoulli" and len(x):
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if lo < 0 or hi > 1:
+            raise ConfigError(f"a Bernoulli decoder scores values in [0, 1]; x holds {lo:g} to {hi:g}. Scale the "
+                              "images to [0, 1] first (uint8 pixels are divided by 255).")
     device = _device(model)
     if device.type == "cpu":
         keep_freed_memory()  # each chunk's temporaries reuse the last chunk's pages (vaekit.cpu)
@@ -321,9 +317,8 @@ def nll_per_image(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Ten
     x_all (N, *shape) may live on the CPU; batches are moved to the model's device.
     The result depends on (seed, k, batch_size), not on how log_px chunks the samples.
     """
-    _check_k(k)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ConfigError(f"batch_size must be a whole number >= 1 or None, got {batch_size!r}.")
+    check_count(k, "k (importance samples per image)")
+    check_count(batch_size, "batch_size", optional=True)
     n = len(x_all)
     if n == 0:
         raise ConfigError("estimating log p(x) needs at least one image; x_all is empty.")

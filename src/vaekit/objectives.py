@@ -58,7 +58,7 @@ def elbo(model, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0, k: i
     that many nats under each latent dimension's KL in the loss (Kingma et al. 2016, eq. 15),
     applied per example; the reported rate stays the true KL. y: the labels, for a conditional model.
     """
-    _check_samples(k)
+    check_count(k, "k (samples of z per example)")
     _check_beta(beta)
     q = encode(model, x, y)
     z = q.rsample() if k == 1 else q.rsample((k,))  # (B, D) or (k, B, D): z = μ + σ·ε, ε ~ N(0, I)
@@ -123,9 +123,12 @@ def _check_beta(beta: float | torch.Tensor) -> None:
         raise ConfigError(f"beta (the KL weight) must be a number >= 0, got {beta!r}.")
 
 
-def _check_samples(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"k (samples of z per example) must be a whole number >= 1, got {k!r}.")
+def check_count(value: int | None, what: str, optional: bool = False) -> None:
+    """ConfigError unless value is a whole number >= 1 (or, if optional, None); `what` names it."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a whole number >= 1{' or None' if optional else ''}, got {value!r}.")
 
 
 def iwae_bound(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,7 +176,7 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     each example's k samples, drawn by their weights, not all of them; see dreg_from_noise.
     ``loss`` keeps its value. q must then be a diagonal Gaussian or a GaussianChain of them.
     """
-    _check_samples(k)
+    check_count(k, "k (samples of z per example)")
     _check_beta(beta)
     q = encode(model, x, y)
     if dreg and 0 < grad_samples < k and has_graph(q):

@@ -194,10 +194,7 @@ def discard_run(run: Path, created: Path | None) -> None:
 
 def load_config(run: Path) -> RunConfig:
     run = check_run_dir(run)
-    try:
-        d = json.loads((run / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{run / 'config.json'} is not valid JSON ({e}); the run directory is damaged.") from e
+    d = read_json(run / "config.json")
     version = d.get("format_version")
     if version != FORMAT_VERSION:
         raise RunError(
