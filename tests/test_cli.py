@@ -192,6 +192,22 @@ def test_encode_writes_the_posterior_means_and_labels_and_interpolate_a_figure(t
     assert main(["interpolate", str(cvae), "0", "1", "--split", "valid"]) == 0
 
 
+def test_eval_says_when_a_bernoulli_decoder_scores_grey_images(tmp_path, npz, capsys):
+    """A Bernoulli 'log p(x)' of grey values is a cross-entropy, not a likelihood: eval says so, and
+    only then (not for 0/1 images, nor for grey images the run binarizes)."""
+    with np.load(npz) as f:
+        x, y = f["x"], f["y"]
+    grey = tmp_path / "grey.npz"
+    np.savez(grey, x=(x // 2).astype(np.uint8), y=y)  # values 0 and 127
+    for data, binarize, noted in ((grey, "none", True), (grey, "dynamic", False), (npz, "none", False)):
+        run = tmp_path / f"{data.stem}_{binarize}"
+        assert main(train_args(run, data, "--binarize", binarize)) == 0
+        capsys.readouterr()
+        assert main(["eval", str(run), "--split", "valid", "--k", "2", "--json", "--no-progress"]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert ("grey, not 0/1" in result.get("note", "")) == noted, (data, binarize)
+
+
 def test_eval_and_encode_take_other_data_and_score_each_image(tmp_path, npz, capsys):
     from vaekit import runs
     from vaekit.data import load_splits

@@ -175,6 +175,11 @@ def _writable(folder: Path):
                        "or free some space.") from None
 
 
+def _binary(x: torch.Tensor) -> bool:
+    """True if every value of x is 0 or 1."""
+    return bool(((x == 0) | (x == 1)).all())
+
+
 def _save_figures(run: Path, figs: dict) -> None:
     _make_folder(run)
     with _writable(run):
@@ -773,11 +778,18 @@ def eval_(
     result.update({"split": split} if data is None else {"data": str(data)})
     result.update(binarization=cfg.data.binarize, binarize_seed=cfg.data.binarize_seed, seed=seed,
                   weights=f"model.safetensors (best epoch by {chosen_by})")
+    notes = []
     if y is not None:
-        result["note"] = "a conditional model: nll is -log p(x|y), given each image's label"
+        notes.append("a conditional model: nll is -log p(x|y), given each image's label")
     if cfg.train.objective == "norm-penalty":
-        result["note"] = (f"trained with a norm penalty, not an ELBO: nll is -log p(x) under the implied model "
-                          f"z ~ N(0, I), x ~ N(decoder(z), {cfg.model.sigma}^2 I), with N(f(x), I) as the proposal")
+        notes.append(f"trained with a norm penalty, not an ELBO: nll is -log p(x) under the implied model "
+                     f"z ~ N(0, I), x ~ N(decoder(z), {cfg.model.sigma}^2 I), with N(f(x), I) as the proposal")
+    if cfg.model.likelihood == "bernoulli" and not _binary(x):
+        notes.append("the images are grey, not 0/1: a Bernoulli decoder's 'log p(x)' of grey values is a "
+                     "cross-entropy, not a log-likelihood of the images, and does not compare with results on "
+                     "binarized images (train with --binarize dynamic for those)")
+    if notes:
+        result["note"] = "; ".join(notes)
     if scores is not None:
         _write_npz(scores, {"nll": per_image.numpy()} if ds.y is None else
                    {"nll": per_image.numpy(), "y": ds.y.numpy()})
