@@ -21,6 +21,26 @@ def test_interpolation_runs_from_one_reconstruction_to_the_other_along_a_line():
         torch.testing.assert_close(strips[:, 2], decode(model, mid).mean)
 
 
+def test_sample_decodes_draws_from_the_prior():
+    """With a seed: the decoder means of N(0, I) draws under that seed, the global random state
+    untouched. Without one: a new draw each call, from the global random state."""
+    model = build(ModelConfig(input_shape=[1, 6, 6], latent_dim=3, hidden=[16]), seed=0).eval()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    images = generate.sample(model, 8, seed=11)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        expected = decode(model, torch.randn(8, 3)).mean
+    torch.testing.assert_close(images, expected)
+    assert torch.equal(generate.sample(model, 8, seed=11), images)
+    torch.manual_seed(5)
+    first, second = generate.sample(model, 8), generate.sample(model, 8)
+    assert not torch.equal(first, second)
+    torch.manual_seed(5)
+    assert torch.equal(generate.sample(model, 8), first)
+
+
 def test_encode_mean_is_the_encoders_mean_in_batches():
     model = build(ModelConfig(input_shape=[1, 6, 6], latent_dim=3, hidden=[16]), seed=0).eval()
     x = torch.rand(7, 1, 6, 6).bernoulli()

@@ -85,17 +85,45 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
         runs.load(tmp_path, which="bset")  # a typo must not quietly load the last epoch's weights
 
 
-def test_optimizer_state_round_trip():
+def test_optimizer_state_round_trip(tmp_path):
+    """Adam's moments and step counts survive the trip through a file, so the next step is the
+    same step."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from vaekit.objectives import elbo
+
+    torch.manual_seed(0)
     model = build(ModelConfig(latent_dim=2, hidden=(4,), input_shape=(3,)))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.encode(torch.rand(5, 3)).rsample().sum().backward()
-    opt.step()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.8, 0.9))
+    x = torch.rand(5, 3).bernoulli()
+
+    def step(m, o):
+        torch.manual_seed(1)
+        o.zero_grad()
+        elbo(m, x).loss.mean().backward()
+        o.step()
+
+    for _ in range(3):
+        step(model, opt)
     tensors, meta = runs.optimizer_tensors(opt)
-    opt2 = torch.optim.Adam(model.parameters(), lr=1e-3)
-    opt2.load_state_dict(runs.optimizer_state_dict(tensors, meta))
+    runs.save_tensors(tmp_path / "opt.safetensors", tensors)
+    runs.write_json(tmp_path / "opt.json", meta)
+    twin = copy.deepcopy(model)
+    opt2 = torch.optim.Adam(twin.parameters(), lr=0.5)  # the loaded state brings lr and betas
+    opt2.load_state_dict(runs.optimizer_state_dict(load_file(tmp_path / "opt.safetensors"),
+                                                   runs.read_json(tmp_path / "opt.json")))
+    assert len(opt2.state) == len(list(model.parameters())) > 0
+    assert opt2.param_groups[0]["lr"] == 1e-2 and tuple(opt2.param_groups[0]["betas"]) == (0.8, 0.9)
     for a, b in zip(opt.state.values(), opt2.state.values()):
+        assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
+    step(model, opt)
+    step(twin, opt2)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
 
 
 def _small_config():

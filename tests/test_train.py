@@ -356,16 +356,26 @@ def test_adam_eps_reaches_the_optimizer(tmp_path):
 def test_warmup_and_cosine_schedule_values():
     from vaekit.train import lr_schedule, objective
 
-    cfg = toy_config(warmup_steps=4, lr_schedule="cosine", lr_min=0.0, lr=1.0)
+    cfg = toy_config(warmup_steps=4, lr_schedule="cosine", lr_min=0.1, lr=1.0, beta=4.0)
     sched = lr_schedule(cfg.train, 100)
-    assert sched(0) == pytest.approx(1.0) and sched(50) == pytest.approx(0.5) and sched(100) == pytest.approx(0.0)
+    # lr_min + (lr − lr_min)(1 + cos(π t/T))/2, held at lr_min after T
+    assert sched(0) == pytest.approx(1.0) and sched(50) == pytest.approx(0.55)
+    assert sched(100) == pytest.approx(0.1) and sched(150) == pytest.approx(0.1)
     assert lr_schedule(toy_config().train, 100) is None
     model = build(cfg.model, seed=0)
     x = toy_splits().train.float()[:8].round()
-    for step, beta in [(0, 0.25), (1, 0.5), (3, 1.0), (10, 1.0)]:
+    for step, beta in [(0, 1.0), (1, 2.0), (3, 4.0), (10, 4.0)]:  # β = 4, reached over 4 steps
         torch.manual_seed(0)
         parts = objective(model, x, cfg.train, step)
         torch.testing.assert_close(parts.loss, parts.distortion + beta * parts.rate)
+
+
+def test_a_beta_vae_trains_on_distortion_plus_beta_times_the_rate(tmp_path):
+    cfg = toy_config(epochs=1, beta=4.0)
+    (m,) = fit(build(cfg.model, seed=0), cfg, toy_splits(), tmp_path, progress=False)
+    assert m["train_kl"] > 0.1
+    assert m["train_loss"] == pytest.approx(m["train_recon"] + 4 * m["train_kl"], rel=1e-6)
+    assert m["train_nelbo"] == pytest.approx(m["train_recon"] + m["train_kl"], rel=1e-6)
 
 
 def test_iwae_runs_pick_their_best_epoch_by_the_validation_bound(tmp_path):

@@ -48,10 +48,12 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 
 def _prior_draw(model, n: int, seed: int | None) -> torch.Tensor:
-    """n codes z ~ p(z), (n, D); with a seed repeatable, and the global random state left untouched."""
+    """n codes z ~ p(z), (n, D); with a seed repeatable, and the global random state left untouched;
+    without one drawn from (and advancing) the global random state, so each call draws anew."""
+    if seed is None:
+        return model.prior().sample((n,))
     with torch.random.fork_rng(devices=[] if _device(model).type == "cpu" else [_device(model)]):
-        if seed is not None:
-            torch.manual_seed(seed)
+        torch.manual_seed(seed)
         return model.prior().sample((n,))
 
 
