@@ -208,6 +208,15 @@ def test_eval_says_when_a_bernoulli_decoder_scores_grey_images(tmp_path, npz, ca
         assert ("grey, not 0/1" in result.get("note", "")) == noted, (data, binarize)
 
 
+def test_eval_of_a_poor_mans_vae_says_what_its_nll_is(tmp_path, npz, capsys):
+    run = tmp_path / "pm"
+    assert main(train_args(run, npz, "--preset", "poor-man")) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "valid", "--k", "2", "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "norm penalty, not an ELBO" in result["note"] and "0.1^2 I" in result["note"]
+
+
 def test_eval_and_encode_take_other_data_and_score_each_image(tmp_path, npz, capsys):
     from vaekit import runs
     from vaekit.data import load_splits

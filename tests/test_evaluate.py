@@ -21,6 +21,7 @@ from vaekit import evaluate as ev
 from vaekit.config import ModelConfig
 from vaekit.errors import ConfigError
 from vaekit.models import build
+from vaekit.generate import encode_mean
 from vaekit.objectives import elbo, iwae, iwae_bound, log_weights
 
 DT = torch.float64
@@ -425,11 +426,17 @@ def test_active_units_counts_the_dims_that_depend_on_x():
         last.weight[:6] *= 10  # live dims: clearly above the threshold
         last.weight[dead] = 0
         last.bias[dead] = 0.3  # constant μ, not necessarily zero
-    count, var = ev.active_units(model, binary_images(500), batch_size=128)
+    x = binary_images(500)
+    count, var = ev.active_units(model, x, batch_size=128)
     assert count == 4
     assert var.shape == (6,)
     assert torch.all(var[dead] < 1e-12)
     assert torch.all(var[[0, 2, 3, 5]] > 0.01)
+    with torch.no_grad():  # the population variance (over N, not N − 1) of q's means over the images
+        torch.testing.assert_close(var, encode_mean(model, x).double().var(0, correction=0), rtol=1e-5, atol=1e-9)
+    # the threshold is strict: a dimension whose variance equals it is not active
+    assert ev.active_units(model, x, threshold=float(var.max()))[0] == 0
+    assert ev.active_units(model, x, threshold=float(var[[0, 2, 3, 5]].min()))[0] == 3
 
 
 def test_bits_per_dim():

@@ -80,6 +80,8 @@ def test_with_a_gradient_clip_a_non_finite_gradient_skips_the_step(tmp_path):
 
 
 def test_a_gradient_clip_bounds_the_gradient_norm_of_each_step(monkeypatch):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
     norms = []
     real = torch.nn.utils.clip_grad_norm_
 
@@ -89,12 +91,22 @@ def test_a_gradient_clip_bounds_the_gradient_norm_of_each_step(monkeypatch):
         norms.append((total.item(), torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()))
         return total
 
+    def norm_at_the_update(opt, args, kwargs):  # what the optimizer steps with
+        grads = [p.grad.norm() for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        stepped.append(torch.linalg.vector_norm(torch.stack(grads)).item())
+
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_measure)
-    cfg = toy_config(epochs=1, grad_clip=0.5)
-    fit(build(cfg.model), cfg, toy_splits(), None, progress=False)
+    stepped = []
+    hook = register_optimizer_step_pre_hook(norm_at_the_update)
+    try:
+        cfg = toy_config(epochs=1, grad_clip=0.5)
+        fit(build(cfg.model), cfg, toy_splits(), None, progress=False)
+    finally:
+        hook.remove()
     assert len(norms) == 7  # 200 training images in batches of 32
     assert all(before > 0.5 for before, _ in norms)  # the clip was in play at every step
     assert all(after == pytest.approx(0.5, rel=1e-4) for _, after in norms)
+    assert len(stepped) == 7 and all(n == pytest.approx(0.5, rel=1e-4) for n in stepped)
 
 
 class Crash(Exception):
@@ -444,6 +456,19 @@ def test_compiled_dreg_training_matches_eager(tmp_path, grad_samples):
     for p, a, b in zip(plain, eager, compiled):
         assert b["valid_iwae_loss"] == pytest.approx(a["valid_iwae_loss"], abs=1e-3)
         assert abs(b["valid_iwae_loss"] - p["valid_iwae_loss"]) > 10 * abs(b["valid_iwae_loss"] - a["valid_iwae_loss"])
+
+
+def test_the_compiled_training_path_computes_what_eager_does(monkeypatch):
+    """--compile without the compiler (torch.compile as the identity): the compiled path's own
+    plumbing (β as a tensor through the warm-up, the compile-time trial step with its forked
+    random state) trains exactly as eager does. The slow test below compiles for real."""
+    cfg = toy_config(epochs=2, warmup_steps=5)
+    eager = fit(build(cfg.model, seed=0), cfg, toy_splits(), None, progress=False)
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    compiled = fit(build(cfg.model, seed=0), toy_config(epochs=2, warmup_steps=5, compile=True), toy_splits(),
+                   None, progress=False)
+    for a, b in zip(eager, compiled, strict=True):
+        assert {k: v for k, v in a.items() if "seconds" not in k} == {k: v for k, v in b.items() if "seconds" not in k}
 
 
 @pytest.mark.slow
