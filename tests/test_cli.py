@@ -214,7 +214,7 @@ def test_eval_of_a_poor_mans_vae_says_what_its_nll_is(tmp_path, npz, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--split", "valid", "--k", "2", "--json", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert "norm penalty, not an ELBO" in result["note"] and "0.1^2 I" in result["note"]
+    assert "norm penalty, not this model's ELBO" in result["note"] and "0.1^2 I" in result["note"]
 
 
 def test_eval_and_encode_take_other_data_and_score_each_image(tmp_path, npz, capsys):

@@ -444,6 +444,14 @@ def test_bits_per_dim():
     assert ev.bits_per_dim(88.0, 784) == pytest.approx(88.0 / 784 / math.log(2))
 
 
+def test_bits_per_dim_only_for_binary_data_under_a_bernoulli_decoder():
+    """A Gaussian decoder's nll is of a density (it can be negative): not a number of bits."""
+    x = binary_images(20)
+    assert "bits_per_dim" in ev.evaluate(small_vae(), x, k=2, progress=False)
+    assert "bits_per_dim" not in ev.evaluate(small_vae(), x * 0.5, k=2, progress=False)
+    assert "bits_per_dim" not in ev.evaluate(small_vae(likelihood="gaussian", sigma=0.1), x, k=2, progress=False)
+
+
 def test_evaluate_names_everything():
     model, x = small_vae(), binary_images(40)
     out = ev.evaluate(model, x, k=8, batch_size=16, progress=False)

@@ -138,6 +138,23 @@ def test_gaussian_learned_sigma_distortion_and_its_gradient():
     torch.testing.assert_close(grad, (1 - sq).sum(0), rtol=1e-5, atol=1e-4)
 
 
+def test_a_learned_sigma_is_held_at_its_floor():
+    """Below sigma_min σ stays at the floor, with no gradient pushing it further; above, it is σ."""
+    model = tiny("gaussian", learn_sigma=True, sigma=0.5, sigma_min=0.01)
+    log_sigma = model.likelihood.log_sigma
+    with torch.no_grad():
+        log_sigma.fill_(math.log(0.2))
+        log_sigma[0, 0, :2] = -20.0
+    x = torch.rand(8, 1, 4, 5)
+    scale = model.decode(model.encode(x).rsample()).base_dist.scale
+    torch.testing.assert_close(scale[0, 0, 0, :2], torch.full((2,), 0.01))
+    torch.testing.assert_close(scale[0, 0, 0, 2:], torch.full((3,), 0.2))
+    elbo(model, x).loss.sum().backward()
+    assert (log_sigma.grad[0, 0, :2] == 0).all() and (log_sigma.grad[0, 0, 2:] != 0).all()
+    with pytest.raises(ConfigError, match="sigma_min"):
+        tiny("gaussian", learn_sigma=True, sigma=0.5, sigma_min=0.6)
+
+
 def test_free_bits_floor_each_dimension_in_the_loss_only():
     torch.manual_seed(7)
     model = tiny()

@@ -782,8 +782,9 @@ def eval_(
     if y is not None:
         notes.append("a conditional model: nll is -log p(x|y), given each image's label")
     if cfg.train.objective == "norm-penalty":
-        notes.append(f"trained with a norm penalty, not an ELBO: nll is -log p(x) under the implied model "
-                     f"z ~ N(0, I), x ~ N(decoder(z), {cfg.model.sigma}^2 I), with N(f(x), I) as the proposal")
+        notes.append(f"trained with a norm penalty, not this model's ELBO: nll is -log p(x) under the model "
+                     f"sampling draws from, z ~ N(0, I), x ~ N(decoder(z), {cfg.model.sigma}^2 I), with N(f(x), I) "
+                     "as the proposal")
     if cfg.model.likelihood == "bernoulli" and not _binary(x):
         notes.append("the images are grey, not 0/1: a Bernoulli decoder's 'log p(x)' of grey values is a "
                      "cross-entropy, not a log-likelihood of the images, and does not compare with results on "

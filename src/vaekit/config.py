@@ -35,6 +35,7 @@ class ModelConfig:
     likelihood: Likelihood = "bernoulli"
     sigma: float = 1.0  # gaussian: the fixed σ, or the initial σ when learn_sigma
     learn_sigma: bool = False  # gaussian: learn one σ per data dimension
+    sigma_min: float = 1e-3  # learned σ: its floor (a pixel that never varies would drive σ → 0, log p → ∞)
     n_classes: int = 0  # > 0: a conditional VAE, encoder and decoder both given the label (one-hot)
     class_names: tuple[str, ...] = ()  # conditional: names of labels 0, 1, ... when the data names them
     input_shape: tuple[int, ...] = (1, 28, 28)  # per-example shape, set from the data
@@ -62,6 +63,9 @@ class ModelConfig:
                               "Use --set model.arch=mlp for flat vectors.")
         if self.sigma <= 0:
             raise ConfigError(f"sigma must be positive, got {self.sigma}.")
+        if self.learn_sigma and not 0 < self.sigma_min <= self.sigma:
+            raise ConfigError(f"sigma_min (the floor under a learned σ) must be positive and at most the initial "
+                              f"sigma {self.sigma}; got {self.sigma_min}.")
         if not self.input_shape or any(s < 1 for s in self.input_shape):
             raise ConfigError(f"input_shape must be positive sizes, got {list(self.input_shape)}.")
 
@@ -356,7 +360,7 @@ PRESET_SOURCES: dict[str, str] = {
     "iwae-1l": "Burda et al. 2015, Importance Weighted Autoencoders, 1 stochastic layer (784-200-200-50, tanh)",
     "iwae-2l": "Burda et al. 2015, 2 stochastic layers (784-200-200-100-100-100-50, tanh)",
     "conv": "Keras VAE example, convolutional version (Conv 32, Conv 64, stride 2; dense 16)",
-    "poor-man": "the poor man's VAE tutorial: fixed unit noise on a deterministic code, norm penalty, MSE (not an ELBO)",
+    "poor-man": "the poor man's VAE tutorial: fixed unit noise on a deterministic code, norm penalty, MSE (not its ELBO)",
     "cvae": "conditional VAE (Sohn et al. 2015; the generative model p(x|y,z) of Kingma et al. 2014, M2): "
             "784-400-2 with the one-hot label joined to the encoder's and the decoder's input",
     "beta-vae": "Higgins et al. 2017, beta-VAE (beta = 4 on a 784-400-10 MLP)",

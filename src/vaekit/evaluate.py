@@ -435,12 +435,17 @@ def evaluate(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None, k
 
     y_all: the labels, needed by a conditional model (whose nll is then −log p(x|y)).
     per_image: also each image's −log p̂(x), a tensor under "nll_per_image" (estimate_nll).
+    bits_per_dim only for binary x under a Bernoulli decoder (or a model without a vaekit
+    config): the nll of a Gaussian decoder is of a density, which is not a number of bits.
     """
     n_dims = math.prod(x_all.shape[1:])
     out = estimate_nll(model, x_all, k, y_all=y_all, batch_size=batch_size, precision=precision,
                        progress=progress, seed=seed, per_image=per_image)
     out.update(elbo_terms(model, x_all, y_all=y_all, seed=seed))
     count, _ = active_units(model, x_all, y_all=y_all)
-    out["bits_per_dim"] = bits_per_dim(out["nll"], n_dims)
+    cfg = getattr(model, "cfg", None)
+    x_float = _as_float(x_all)
+    if (cfg is None or cfg.likelihood == "bernoulli") and bool(((x_float == 0) | (x_float == 1)).all()):
+        out["bits_per_dim"] = bits_per_dim(out["nll"], n_dims)
     out["active_units"] = count
     return out

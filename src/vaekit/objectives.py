@@ -163,7 +163,8 @@ def iwae(model, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
     log q(z_i|x) is evaluated, so the encoder gets its gradient through the samples z_i alone,
     and each sample's gradient is scaled by (1 − β) + β·w̃_i, where w̃ are the normalised
     weights (w̃_i² overall at β = 1). Same expectation as the plain gradient (tested), lower
-    variance: the plain IWAE encoder gradient gets noisier as k grows (Rainforth et al. 2018).
+    variance in practice (Tucker et al. measure it), where the plain IWAE encoder gradient's
+    signal-to-noise ratio falls as k grows (Rainforth et al. 2018).
     The decoder's gradient is unchanged. The hook is on z, so it shapes the gradient of whatever
     is backpropagated from this call: backpropagate ``loss`` only (training does). With the
     default terms log q comes from q's own parameters, detached; the encoder is not run again.
@@ -345,8 +346,10 @@ def _log_q_functional(model, x: torch.Tensor, y: torch.Tensor | None, z: torch.T
 def norm_penalty(model, x: torch.Tensor, lam: float = 1.0, y: torch.Tensor | None = None) -> ElboParts:
     """The poor man's VAE loss (vaekit.models.poorman): ‖x − x̂‖² + λ·‖z‖, with z = f(x) + ε.
 
-    NOT an ELBO: `distortion` is the summed squared error and `rate` the code's Euclidean
-    norm, neither in nats. y: the labels, for a conditional model.
+    `distortion` is the summed squared error and `rate` the noisy code's Euclidean norm, neither
+    in nats: up to constants the loss is the −ELBO of a prior ∝ exp(−λ‖z‖) and a decoder
+    N(x̂, ½I), not of the model sampling uses (vaekit.models.poorman). y: the labels, for a
+    conditional model.
     """
     z = encode(model, x, y).rsample()  # (B, D)
     x_hat = decode(model, z, y).mean

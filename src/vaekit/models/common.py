@@ -165,13 +165,22 @@ class Likelihood(nn.Module):
         self.kind = cfg.likelihood
         self.n_event = len(cfg.input_shape)
         log_sigma = torch.full(tuple(cfg.input_shape), math.log(cfg.sigma))
-        if cfg.likelihood == "gaussian" and cfg.learn_sigma:
+        self.learned = cfg.likelihood == "gaussian" and cfg.learn_sigma
+        if self.learned:
             self.log_sigma = nn.Parameter(log_sigma)  # one σ per data dimension
+            self.log_sigma_min = math.log(cfg.sigma_min)
         else:
             self.register_buffer("log_sigma", log_sigma, persistent=False)
+
+    def scale(self) -> torch.Tensor:
+        """σ per data dimension. A learned σ is held at or above sigma_min: where a pixel never
+        varies (MNIST's borders), the likelihood would otherwise grow without bound as σ → 0."""
+        if self.learned:
+            return torch.exp(self.log_sigma.clamp(min=self.log_sigma_min))
+        return torch.exp(self.log_sigma)
 
     def forward(self, out: torch.Tensor) -> Independent:
         out = out.float()
         if self.kind == "bernoulli":
             return IndependentBernoulli(out, self.n_event)
-        return Independent(Normal(out, torch.exp(self.log_sigma), validate_args=False), self.n_event)
+        return Independent(Normal(out, self.scale(), validate_args=False), self.n_event)

@@ -5,10 +5,12 @@ unit scale (nothing about the noise is learned). Decoder: an MLP giving the mean
 Gaussian. Training minimises ‖x − x̂‖² + λ·‖z‖ (objectives.norm_penalty): the norm
 penalty stands where the KL would be, and MSE where the log-likelihood would be.
 
-That loss is NOT an ELBO, and its numbers are not nats of anything. What can honestly be
-said of the model in nats is log p(x) under its implied generative model — z ~ N(0, I),
-x ~ N(decoder(z), σ²I) with the configured σ — estimated by importance sampling with the
-fixed-noise encoder N(f(x), I) as the proposal; `vaekit eval` reports it labelled so.
+That loss is not the ELBO of the model it samples from, and its numbers are not nats. Up to
+constants it is the −ELBO of another model: q(z|x) = N(f(x), I) has a constant entropy, so
+the loss is that of a prior p(z) ∝ exp(−λ‖z‖) and a decoder N(x̂, ½I). Sampling draws
+z ~ N(0, I), and what `vaekit eval` reports in nats, labelled so, is log p(x) under that
+model — z ~ N(0, I), x ~ N(decoder(z), σ²I) with the configured σ — estimated by importance
+sampling with the fixed-noise encoder N(f(x), I) as the proposal.
 """
 
 from __future__ import annotations
