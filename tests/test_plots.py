@@ -141,6 +141,13 @@ def test_manifold_z_quantiles_symmetry_and_order():
     torch.testing.assert_close(values, normal.icdf(torch.linspace(eps, 1 - eps, n)), atol=1e-5, rtol=0)
 
 
+def test_manifold_ticks_label_both_ends_of_a_large_grid():
+    fig = plots.manifold(rand(400, 1, 6, 6), n=20)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[0] == "-1.64" and labels[-1] == "1.64" and 8 <= len(labels) <= 11
+    assert labels == [label.lstrip("-") if label.startswith("-") else "-" + label for label in labels[::-1]]
+
+
 def test_manifold_ticks_show_the_z_values():
     fig = plots.manifold(rand(16, 1, 6, 6), n=4)
     ax = fig.axes[0]
@@ -246,12 +253,28 @@ def test_training_curves_skip_missing_keys_and_records_without_epoch():
     fig = plots.training_curves(records)
     render(fig)
     titles = [ax.get_title() for ax in fig.axes]
-    assert len(titles) == 2 and titles[0] == "Negative ELBO (loss)" and "KL" in titles[1]  # no recon panel
-    nelbo = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert len(titles) == 2 and titles[0].startswith("Negative ELBO") and "KL" in titles[1]  # no recon panel
+    nelbo = {line.get_label().split()[0]: line for line in fig.axes[0].get_lines()}
     assert list(nelbo["train"].get_xdata()) == [1, 2] and list(nelbo["train"].get_ydata()) == [120.0, 109.0]
     assert list(nelbo["valid"].get_ydata()) == [125.0, 115.0]
-    assert [line.get_label() for line in fig.axes[1].get_lines()] == ["train"]
+    assert [line.get_label() for line in fig.axes[1].get_lines()] == ["train (mean over the epoch)"]
     assert all(ax.get_xlabel() == "epoch" and ax.get_ylabel() == "nats per example" for ax in fig.axes)
+
+
+def test_training_curves_show_the_loss_where_it_is_not_the_nelbo_and_mark_the_best_epoch():
+    iwae = [{"epoch": e, "train_nelbo": 100.0 - e, "train_loss": 95.0 - e, "valid_nelbo": 101.0 - e,
+             "valid_iwae_loss": 96.0 - e} for e in (1, 2, 3)]
+    fig = plots.training_curves(iwae, best_epoch=2)
+    render(fig)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["train loss (what was minimised)"].get_ydata()) == [94.0, 93.0, 92.0]
+    assert list(lines["valid $-\\mathcal{L}_k$"].get_ydata()) == [95.0, 94.0, 93.0]
+    assert list(lines["best epoch (2)"].get_xdata()) == [2, 2]
+    plain = [{**r, "train_loss": r["train_nelbo"]} for r in iwae[:1]]
+    assert not any("loss" in line.get_label() for line in plots.training_curves(plain).axes[0].get_lines())
+    # the poor man's norm penalty: the train numbers are not nats, so only valid is drawn
+    norm = plots.training_curves(iwae, train_is_elbo=False)
+    assert all(line.get_label().startswith("valid") for ax in norm.axes for line in ax.get_lines())
 
 
 def test_training_curves_with_no_epoch_metrics_still_render():
@@ -316,6 +339,7 @@ def test_run_report_has_figures_escaped_title_numbers_config_and_metrics():
     assert EVIL in text  # escaped in the source, the same text once parsed
     for number in ("-95.12", "70.5", "24.62", "17", "12346"):
         assert number in text
+    assert "Test ELBO = E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)) = -70.50 − 24.62 = -95.12 nats per image" in text
     assert "test.elbo" in text and "model.latent_dim" in text and "[512, 256]" in text
     assert "Reconstructions" in text and "Samples from the prior" in text
     assert "last 10 of 14" in text and "114" in text and "104" not in text  # only the last rows

@@ -236,7 +236,8 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
                 "binarize_seed": cfg.data.binarize_seed, "estimator": "ELBO, 1 sample of z per image"},
     }
     runs.write_json(run / "summary.json", summary)
-    _save_figures(run, figures.run_figures(model, x, ds.y, metrics, class_names=ds.classes))
+    _save_figures(run, figures.run_figures(model, x, ds.y, metrics, class_names=ds.classes,
+                                           train_is_elbo=cfg.train.objective != "norm-penalty"))
     write_report(run)
     return summary
 
@@ -246,8 +247,11 @@ def write_report(run: Path) -> None:
     from vaekit import figures, report
 
     summary = runs.read_json(run / "summary.json", default={})
-    figs = [(caption, name) for name, caption in figures.CAPTIONS.items() if (run / name).exists()]
-    html = report.run_report(f"vaekit run: {run.name}", runs.load_config(run).to_dict(), summary, figs,
+    cfg = runs.load_config(run)
+    split = "test" if "test" in summary else "valid"
+    captions = figures.captions(cfg.model, split, summary.get(split, {}).get("n_images"))
+    figs = [(captions[name], name) for name in figures.NAMES if (run / name).exists()]
+    html = report.run_report(f"vaekit run: {run.name}", cfg.to_dict(), summary, figs,
                              runs.read_jsonl(run / "metrics.jsonl"))
     runs.write_text(run / "report.html", html)
 
@@ -843,13 +847,13 @@ def compare(
                           "--overwrite to replace them.")
     rows, table = [], []
     # Every run reconstructs the first run's images (with their labels, for a conditional model).
-    first_cfg, ds0, _ = _split(run_dirs[0], None, limit=n)
+    first_cfg, ds0, split0 = _split(run_dirs[0], None, limit=n)
     x0 = eval_set(ds0, first_cfg.data)
     for run in run_dirs:
         cfg = runs.load_config(run)
         summary = runs.read_json(Path(run) / "summary.json", default={})
         split = "test" if "test" in summary else "valid"
-        elbo_value = summary.get(split, {}).get("elbo", float("nan"))
+        elbo_value = summary.get(split, {}).get("elbo")
         if list(cfg.model.input_shape) != list(first_cfg.model.input_shape):
             raise VaekitError(f"{run} was trained on images of shape {list(cfg.model.input_shape)}, unlike "
                               f"{run_dirs[0]} ({list(first_cfg.model.input_shape)}); compare runs of one kind "
@@ -864,8 +868,10 @@ def compare(
         table.append((Path(run).name, os.path.relpath(Path(run) / "report.html", out),
                       {"latent_dim": cfg.model.latent_dim, **summary}))
     _save_figures(out, {"compare.png": plots.compare(x0, rows)})
-    html = report.index_report("vaekit comparison", table, [("Reconstructions of the same test images by each run, "
-                                                              "with its test ELBO.", "compare.png")])
+    splits = {"test" if "test" in summary else "valid" for _, _, summary in table}
+    html = report.index_report("vaekit comparison", table, [(
+        f"Reconstructions of the same {split0} images by each run, with its {' or '.join(sorted(splits))} "
+        "ELBO (nats per image; higher is better).", "compare.png")])
     with _writable(out):
         runs.write_text(out / "report.html", html)
     typer.echo(str(out / "report.html"))

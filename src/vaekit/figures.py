@@ -8,18 +8,53 @@ import torch
 from matplotlib.figure import Figure
 
 from vaekit import generate, plots
+from vaekit.config import ModelConfig
 
-# file name -> caption, in the order the report shows them
-CAPTIONS = {
-    "reconstructions.png": "Test images (top) and their reconstructions from the posterior mean (bottom).",
-    "samples.png": "Images decoded from z ~ N(0, I): what the model generates.",
-    "classes.png": "Conditional samples: one row per class, the same z ~ N(0, I) down each column.",
-    "latent.png": "Posterior means of test images, coloured by label.",
-    "manifold.png": "The learned 2-D manifold: decoded Gaussian quantiles of the latent space.",
-    "interpolations.png": "Decoding along straight lines between the posterior means of pairs of test images.",
-    "traversal.png": "Latent traversal: one latent dimension varied at a time, the others fixed.",
-    "training.png": "Training curves: negative ELBO and its parts per epoch.",
-}
+# the figures a run can have, in the order the report shows them
+NAMES = ("reconstructions.png", "samples.png", "classes.png", "latent.png", "manifold.png", "interpolations.png",
+         "traversal.png", "training.png")
+N_LATENT = 5000  # images in the latent scatter
+N_TRAVERSED = 10  # latent dimensions in the traversal
+TRAVERSAL_VALUES = (-3.0, 3.0, 9)  # linspace(-3, 3, 9)
+
+
+def captions(model: ModelConfig, split: str, n_images: int | None = None) -> dict[str, str]:
+    """What each figure of a run shows and how to read it, for a model of config ``model`` whose
+    figures were drawn from ``n_images`` images of ``split``."""
+    d = model.latent_dim
+    prior = "z2 ~ N(0, I), then z1 ~ p(z1|z2)" if model.arch == "mlp2" else "z ~ N(0, I)"
+    probabilities = (" For a Bernoulli decoder the means are pixel probabilities, so they look grey where the "
+                     "originals (binarized draws, if the run binarizes) are black or white."
+                     if model.likelihood == "bernoulli" else "")
+    n_latent = N_LATENT if n_images is None else min(N_LATENT, n_images)
+    latent = f"Means of q(z|x) for the first {n_latent} {split} images, coloured by label"
+    if d > 2:
+        latent += ", projected on their first two principal components (their share of the variance on the axes)"
+    if model.n_classes:
+        latent += ". This model is given the label, so its z need not cluster by it: z holds the style"
+    lo, hi, _ = TRAVERSAL_VALUES
+    return {
+        "reconstructions.png": f"{split.capitalize()} images (top) and their reconstructions (bottom): the "
+                               f"decoder's mean at z = the mean of q(z|x).{probabilities}",
+        "samples.png": f"The decoder's mean for 64 draws from the prior, {prior}: what the model generates, "
+                       "without the noise of p(x|z)"
+                       + (" (pixel probabilities, for a Bernoulli decoder)." if probabilities else "."),
+        "classes.png": "Conditional samples: one row per class, the same draw of z down each column, so what z "
+                       "holds (style) separates from what the label holds (the class).",
+        "latent.png": latent + ".",
+        "manifold.png": "The learned 2-D manifold: the decoder's mean on a 20 × 20 grid of z at the Gaussian "
+                        "quantiles from 5 % to 95 % (±1.64), z1 growing to the right and z2 upwards (Kingma & "
+                        "Welling 2014, Fig. 4).",
+        "interpolations.png": f"Decoding along straight lines between the means of q(z|x) of random pairs of "
+                              f"{split} images: each row starts at one image's reconstruction and ends at the "
+                              "other's.",
+        "traversal.png": f"Latent traversal: z starts at the mean of q(z|x) for {split} image 0; each row sets one "
+                         f"dimension (the first {min(d, N_TRAVERSED)}) to the values {lo:g} to {hi:g} across, the "
+                         "others kept.",
+        "training.png": "Training curves in nats per example: train is the mean over each epoch's steps, valid is "
+                        "measured at the epoch's end; the dotted line marks the best epoch, whose weights the "
+                        "figures use.",
+    }
 
 
 def run_figures(
@@ -29,14 +64,16 @@ def run_figures(
     metrics: list[dict],
     *,
     n_show: int = 8,
-    n_latent: int = 5000,
+    n_latent: int = N_LATENT,
     seed: int = 0,
     class_names: Sequence[str] | None = None,
+    train_is_elbo: bool = True,
 ) -> dict[str, Figure]:
     """All figures of a run from evaluation images x (N, *shape) in [0, 1].
 
     A conditional model is given the labels wherever it encodes, and gets a figure of its own:
     one row of samples per class. class_names[c] names label c (an image folder's subfolders).
+    train_is_elbo=False: the training loss is not an ELBO in nats (the poor man's norm penalty).
     """
     g = torch.Generator().manual_seed(seed)
     y = labels if generate.n_classes(model) else None  # what the model is conditioned on
@@ -57,18 +94,23 @@ def run_figures(
         if y is None:
             figs["manifold.png"] = plots.manifold(generate.manifold(model, 20), 20)
         else:
+            name = class_names[0] if class_names else "0"
             figs["manifold.png"] = plots.manifold(generate.manifold(model, 20, label=0), 20,
-                                                  title="Learned 2-D manifold of class 0 (the label fixed, z varied)")
+                                                  title=f"Learned 2-D manifold of class {name} (the label fixed, z varied)")
     n_pairs = min(5, len(x) // 2)  # up to 5 random pairs of images (a small data set has fewer)
     if n_pairs:
         pairs = torch.randperm(len(x), generator=g)[: 2 * n_pairs].view(n_pairs, 2)
         figs["interpolations.png"] = plots.interpolations(generate.interpolate(
             model, x[pairs[:, 0]], x[pairs[:, 1]], steps=10,
             y_a=None if y is None else y[pairs[:, 0]], y_b=None if y is None else y[pairs[:, 1]]))
-    dims = list(range(min(model.latent_dim, 10)))
-    values = torch.linspace(-3, 3, 9)
+    dims = list(range(min(model.latent_dim, N_TRAVERSED)))
+    values = torch.linspace(*TRAVERSAL_VALUES)
     figs["traversal.png"] = plots.latent_traversal(
         generate.traversal(model, x[0], dims, values, None if y is None else y[0]), dims, values)
     if metrics:
-        figs["training.png"] = plots.training_curves(metrics)
-    return {name: figs[name] for name in CAPTIONS if name in figs}
+        from vaekit.train import selection_score
+
+        best = min((m for m in metrics if "valid_nelbo" in m), key=selection_score, default=None)
+        figs["training.png"] = plots.training_curves(metrics, best_epoch=None if best is None else best["epoch"],
+                                                     train_is_elbo=train_is_elbo)
+    return {name: figs[name] for name in NAMES if name in figs}

@@ -126,7 +126,7 @@ def image_grid(images, nrow: int | None = None, title: str | None = None) -> Fig
     return _grid_figure(_rows_of(_as_images(images, lead=1), nrow), title)
 
 
-def samples(images, title: str = "Samples from the prior z ~ N(0, I)") -> Figure:
+def samples(images, title: str = "Decoded draws from the prior") -> Figure:
     """Decoded draws from the prior, tiled in a square-ish mosaic."""
     return image_grid(images, title=title)
 
@@ -192,11 +192,19 @@ def manifold(images, n: int, title: str = "Learned 2-D manifold (decoded Gaussia
     if a.shape[0] != n * n:
         raise ValueError(f"expected n*n = {n * n} images decoded from manifold_z({n}), got {a.shape[0]}")
     z = manifold_z(n, eps).reshape(n, n, 2)
-    step = max(1, math.ceil(n / 10))  # at most ~10 labelled ticks per axis
-    cols = [f"{v:.2f}" if j % step == 0 else None for j, v in enumerate(z[0, :, 0].tolist())]
-    rows = [f"{v:.2f}" if i % step == 0 else None for i, v in enumerate(z[:, 0, 1].tolist())]
+    labelled = _ticks(n)
+    cols = [f"{v:.2f}" if j in labelled else None for j, v in enumerate(z[0, :, 0].tolist())]
+    rows = [f"{v:.2f}" if i in labelled else None for i, v in enumerate(z[:, 0, 1].tolist())]
     return _grid_figure(a.reshape(n, n, *a.shape[1:]), title, row_labels=rows, col_labels=cols,
                         xlabel="$z_1$", ylabel="$z_2$")
+
+
+def _ticks(n: int, most: int = 10) -> set[int]:
+    """Which of n grid positions to label: about ``most``, every step-th from each end to the middle,
+    so both ends are labelled and the labels lie symmetrically (a grid symmetric about 0 reads so)."""
+    step = max(1, math.ceil(n / most))
+    half = [i for i in range(0, n, step) if 2 * i <= n - 1]
+    return set(half) | {n - 1 - i for i in half}
 
 
 def interpolation_z(z_a: torch.Tensor, z_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
@@ -209,26 +217,27 @@ def interpolation_z(z_a: torch.Tensor, z_b: torch.Tensor, steps: int = 10) -> to
     return (1 - t) * z_a + t * z_b
 
 
-def interpolations(strips, title: str = "Interpolations between test images "
+def interpolations(strips, title: str = "Interpolations between pairs of images "
                    "(decoded along a line between posterior means)") -> Figure:
     """strips (P, S, C, H, W): row p decodes S points from z_a (left) to z_b (right)."""
     a = _as_images(strips, lead=2)
     P, S = a.shape[:2]
-    step = max(1, math.ceil(S / 11))
-    cols = [f"{t:.2g}" if j % step == 0 or j == S - 1 else None
-            for j, t in enumerate(np.linspace(0.0, 1.0, S))]
+    labelled = _ticks(S, 11)
+    cols = [f"{t:.2g}" if j in labelled else None for j, t in enumerate(np.linspace(0.0, 1.0, S))]
     return _grid_figure(a, title, row_labels=[f"pair {p + 1}" for p in range(P)], col_labels=cols,
                         xlabel="$t$ in $z = (1-t)\\,z_a + t\\,z_b$")
 
 
 def latent_traversal(images, dims: Sequence[int], values,
                      title: str = "Latent traversals: one dimension varied, the others fixed") -> Figure:
-    """images (len(dims), len(values), C, H, W): row = latent dimension varied, column = its value."""
+    """images (len(dims), len(values), C, H, W): row = latent dimension varied, column = its value.
+    Rows are labelled z_1, z_2, …: dimension d (0-based) is z_{d+1}, as the scatter and the manifold
+    name them."""
     a = _as_images(images, lead=2)
     vals = [float(v) for v in values]
     if a.shape[:2] != (len(dims), len(vals)):
         raise ValueError(f"expected images shaped ({len(dims)}, {len(vals)}, C, H, W), got {a.shape}")
-    return _grid_figure(a, title, row_labels=[f"$z_{{{d}}}$" for d in dims],
+    return _grid_figure(a, title, row_labels=[f"$z_{{{d + 1}}}$" for d in dims],  # z_1 first, as on the other plots
                         col_labels=[f"{v:.2g}" for v in vals],
                         xlabel="value of the varied latent dimension", ylabel="latent dimension")
 
@@ -332,22 +341,37 @@ def latent_scatter(means, labels=None, title: str | None = None,
 
 
 _PANELS = (  # (metric stem, panel title) — values are nats per example
-    ("nelbo", "Negative ELBO (loss)"),
+    ("nelbo", "Negative ELBO (reconstruction + KL)"),
     ("recon", "Reconstruction $-\\mathbb{E}_q[\\log p(x|z)]$"),
     ("kl", "$\\mathrm{KL}(q(z|x)\\,\\|\\,p(z))$"),
 )
 
 
-def training_curves(records: list[dict]) -> Figure:
+def _loss_is_not_the_nelbo(record: dict) -> bool:
+    loss, nelbo = record.get("train_loss"), record.get("train_nelbo")
+    return loss is not None and nelbo is not None and abs(loss - nelbo) > 1e-6 * max(1.0, abs(nelbo))
+
+
+def training_curves(records: list[dict], best_epoch: int | None = None, train_is_elbo: bool = True) -> Figure:
     """Negative ELBO, reconstruction and KL terms vs epoch, train and valid, from metrics.jsonl records.
+
+    Train values are means over each epoch's steps (with the weights changing as they go), valid
+    values are measured at the epoch's end. Where the loss trained on is not the −ELBO (β ≠ 1, a
+    KL warm-up, free bits, IWAE), the first panel also shows it ("train loss"), and IWAE runs
+    their validation −L_k, by which they choose the best epoch. best_epoch: marked by a dotted line.
+    train_is_elbo=False (the poor man's norm penalty): the train curves are squared error and ‖z‖,
+    not nats, and are left out; valid is the ELBO of the model sampling uses.
 
     Records without "epoch" are ignored; if an epoch appears twice (a resumed
     run), the later record wins. Panels with no data are left out.
     """
     by_epoch = {int(r["epoch"]): r for r in records if "epoch" in r}
     epochs = sorted(by_epoch)
+    splits = (("train", "-", "train (mean over the epoch)"), ("valid", "--", "valid (at the epoch's end)"))
+    if not train_is_elbo:
+        splits = splits[1:]
     panels = [(stem, name) for stem, name in _PANELS
-              if any(f"{split}_{stem}" in by_epoch[e] for e in epochs for split in ("train", "valid"))]
+              if any(f"{split}_{stem}" in by_epoch[e] for e in epochs for split, _, _ in splits)]
     fig = Figure(figsize=(4.2 * max(1, len(panels)), 3.6), layout="constrained")
     fig.suptitle("Training curves (nats per example)")
     if not panels:
@@ -356,6 +380,32 @@ def training_curves(records: list[dict]) -> Figure:
                 transform=ax.transAxes)
         ax.set_axis_off()
         return fig
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    marker = "o" if len(epochs) <= 30 else None
+
+    def curve(ax, key, style, label):
+        pts = [(e, by_epoch[e][key]) for e in epochs if key in by_epoch[e]]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, [math.nan if v is None else float(v) for v in ys], style, marker=marker, markersize=3,
+                    label=label)
+
+    for ax, (stem, name) in zip(axes, panels):
+        for split, style, label in splits:
+            curve(ax, f"{split}_{stem}", style, label)
+        if stem == "nelbo":
+            if train_is_elbo and any(_loss_is_not_the_nelbo(by_epoch[e]) for e in epochs):
+                curve(ax, "train_loss", ":", "train loss (what was minimised)")
+            curve(ax, "valid_iwae_loss", "-.", "valid $-\\mathcal{L}_k$")
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="0.5", linestyle=":", linewidth=1, label=f"best epoch ({best_epoch})"
+                       if stem == "nelbo" else None)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("nats per example")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     marker = "o" if len(epochs) <= 30 else None
     for ax, (stem, name) in zip(axes, panels):

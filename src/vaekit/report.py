@@ -111,13 +111,37 @@ def _page(title: str, body: str) -> str:
     )
 
 
+def _headline(summary: Mapping) -> str:
+    """The run's numbers in words: its ELBO as the sum it is, and its importance-sampled log p(x)."""
+    lines = []
+    for split in ("test", "valid"):
+        s = summary.get(split)
+        if isinstance(s, Mapping) and all(_is_number(s.get(k)) for k in ("elbo", "recon", "kl")):
+            n = f" ({s['n_images']} images, one sample of z each)" if _is_number(s.get("n_images")) else ""
+            lines.append(f"{split.capitalize()} ELBO = E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)) = {-s['recon']:.2f} − "
+                         f"{s['kl']:.2f} = {s['elbo']:.2f} nats per image{n}.")
+            break
+    for split in ("test", "valid"):
+        ev = summary.get(f"{split}_eval")
+        if isinstance(ev, Mapping) and _is_number(ev.get("nll")):
+            err = f" ± {ev['nll_stderr']:.2f}" if _is_number(ev.get("nll_stderr")) else ""
+            lines.append(f"{split.capitalize()} log p(x) by importance sampling with k = {ev.get('k')}: "
+                         f"{-ev['nll']:.2f}{err} nats per image (its {ev.get('n_images')} images; nll = −log p(x)).")
+            break
+    if not lines:
+        return ""
+    lines.append("In the table, recon is −E_q[log p(x|z)] and kl is KL(q(z|x) ‖ p(z)), in nats per image; "
+                 "nelbo = recon + kl = −elbo.")
+    return "".join(f"<p>{escape(line)}</p>" for line in lines)
+
+
 def run_report(title: str, config: dict, summary: dict, figures: list[tuple[str, str]],
                metrics: list[dict] | None = None) -> str:
     """A complete HTML page for one run: headline numbers, figures, config, last metrics rows.
 
     ``figures`` are (caption, filename relative to the run directory).
     """
-    body = ["<h2>Summary</h2>", _key_value_table(summary), _figures(figures),
+    body = ["<h2>Summary</h2>", _headline(summary), _key_value_table(summary), _figures(figures),
             "<h2>Configuration</h2>", _key_value_table(config)]
     if metrics:
         last = metrics[-_LAST_METRICS_ROWS:]
