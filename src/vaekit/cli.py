@@ -175,11 +175,6 @@ def _writable(folder: Path):
                        "or free some space.") from None
 
 
-def _binary(x: torch.Tensor) -> bool:
-    """True if every value of x is 0 or 1."""
-    return bool(((x == 0) | (x == 1)).all())
-
-
 def _save_figures(run: Path, figs: dict) -> None:
     _make_folder(run)
     with _writable(run):
@@ -758,7 +753,7 @@ def eval_(
     _set_threads(threads)
     progress = _progress(progress)
     dev = _device(device)
-    from vaekit.evaluate import evaluate
+    from vaekit.evaluate import evaluate, is_binary
     from vaekit.train import eval_set, labels_for
 
     if split is not None and split not in ("valid", "test"):
@@ -789,7 +784,7 @@ def eval_(
         notes.append(f"trained with a norm penalty, not this model's ELBO: nll is -log p(x) under the model "
                      f"sampling draws from, z ~ N(0, I), x ~ N(decoder(z), {cfg.model.sigma}^2 I), with N(f(x), I) "
                      "as the proposal")
-    if cfg.model.likelihood == "bernoulli" and not _binary(x):
+    if cfg.model.likelihood == "bernoulli" and not is_binary(x):
         notes.append("the images are grey, not 0/1: a Bernoulli decoder's 'log p(x)' of grey values is a "
                      "cross-entropy, not a log-likelihood of the images, and does not compare with results on "
                      "binarized images (train with --binarize dynamic for those)")

@@ -264,8 +264,7 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = No
         return x.new_zeros(0, dtype=torch.promote_types(x.dtype, torch.float32))
     chunk_size = min(chunk_size or default_chunk_size(batch, tuple(x.shape[1:])), k)
     autocast = _autocast(precision, device)
-    binary = bool(((x == 0) | (x == 1)).all())
-    fast = _BinaryBernoulli(x) if binary else None
+    fast = _BinaryBernoulli(x) if is_binary(x) else None
     bar = tqdm(total=k, unit="sample", disable=not progress, leave=False)
     acc = None  # running logsumexp of the log-weights so far, (B,)
     with _eval_mode(model), _seeded(seed, device):
@@ -285,6 +284,11 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = No
                 bar.update(len(draw))
     bar.close()
     return acc - math.log(k)
+
+
+def is_binary(x: torch.Tensor) -> bool:
+    """True if every value of x is 0 or 1."""
+    return bool(((x == 0) | (x == 1)).all())
 
 
 def _batches(n: int, batch_size: int):
@@ -444,8 +448,7 @@ def evaluate(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None, k
     out.update(elbo_terms(model, x_all, y_all=y_all, seed=seed))
     count, _ = active_units(model, x_all, y_all=y_all)
     cfg = getattr(model, "cfg", None)
-    x_float = _as_float(x_all)
-    if (cfg is None or cfg.likelihood == "bernoulli") and bool(((x_float == 0) | (x_float == 1)).all()):
+    if (cfg is None or cfg.likelihood == "bernoulli") and is_binary(_as_float(x_all)):
         out["bits_per_dim"] = bits_per_dim(out["nll"], n_dims)
     out["active_units"] = count
     return out
