@@ -15,6 +15,7 @@ NAMES = ("reconstructions.png", "samples.png", "classes.png", "latent.png", "man
          "traversal.png", "training.png")
 N_LATENT = 5000  # images in the latent scatter
 N_TRAVERSED = 10  # latent dimensions in the traversal
+N_MANIFOLD = 20  # the manifold grid is N_MANIFOLD × N_MANIFOLD
 TRAVERSAL_VALUES = (-3.0, 3.0, 9)  # linspace(-3, 3, 9)
 
 
@@ -42,7 +43,7 @@ def captions(model: ModelConfig, split: str, n_images: int | None = None) -> dic
         "classes.png": "Conditional samples: one row per class, the same draw of z down each column, so what z "
                        "holds (style) separates from what the label holds (the class).",
         "latent.png": latent + ".",
-        "manifold.png": "The learned 2-D manifold: the decoder's mean on a 20 × 20 grid of z at the Gaussian "
+        "manifold.png": f"The learned 2-D manifold: the decoder's mean on a {N_MANIFOLD} × {N_MANIFOLD} grid of z at the Gaussian "
                         "quantiles from 5 % to 95 % (±1.64), z1 growing to the right and z2 upwards (Kingma & "
                         "Welling 2014, Fig. 4).",
         "interpolations.png": f"Decoding along straight lines between the means of q(z|x) of random pairs of "
@@ -92,10 +93,10 @@ def run_figures(
         figs["classes.png"] = plots.by_class(generate.by_class(model, 10, seed=seed), class_names=class_names)
     if model.latent_dim == 2:
         if y is None:
-            figs["manifold.png"] = plots.manifold(generate.manifold(model, 20), 20)
+            figs["manifold.png"] = plots.manifold(generate.manifold(model, N_MANIFOLD), N_MANIFOLD)
         else:
             name = class_names[0] if class_names else "0"
-            figs["manifold.png"] = plots.manifold(generate.manifold(model, 20, label=0), 20,
+            figs["manifold.png"] = plots.manifold(generate.manifold(model, N_MANIFOLD, label=0), N_MANIFOLD,
                                                   title=f"Learned 2-D manifold of class {name} (the label fixed, z varied)")
     n_pairs = min(5, len(x) // 2)  # up to 5 random pairs of images (a small data set has fewer)
     if n_pairs:
