@@ -579,6 +579,9 @@ def test_compare_gives_each_run_the_first_runs_images_with_their_labels(tmp_path
     np.savez(unlabelled, x=d["x"])
     assert main(train_args(tmp_path / "nolabels", unlabelled)) == 0
     capsys.readouterr()
+    # the latent figure's caption speaks of labels only where the data has them
+    assert "coloured by label" in report.decode()
+    assert "coloured by label" not in (tmp_path / "nolabels" / "report.html").read_text()
     assert main(["compare", str(tmp_path / "nolabels"), str(cond), "--out", str(tmp_path / "cmp2")]) == 2
     assert "have no labels. Put a run of labelled data first" in capsys.readouterr().err
     assert not (tmp_path / "cmp2").exists()

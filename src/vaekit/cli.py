@@ -227,7 +227,8 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
         "epochs": len(metrics),
         "best_epoch": min(metrics, key=selection_score)["epoch"] if metrics else None,
         "train_seconds": round(sum(m["seconds"] for m in metrics), 2),
-        split: {"elbo": -ev["nelbo"], **ev, "n_images": len(x), "binarization": cfg.data.binarize,
+        split: {"elbo": -ev["nelbo"], **ev, "n_images": len(x), "labelled": ds.y is not None,
+                "binarization": cfg.data.binarize,
                 "binarize_seed": cfg.data.binarize_seed, "estimator": "ELBO, 1 sample of z per image"},
     }
     runs.write_json(run / "summary.json", summary)
@@ -244,7 +245,8 @@ def write_report(run: Path) -> None:
     summary = runs.read_json(run / "summary.json", default={})
     cfg = runs.load_config(run)
     split = "test" if "test" in summary else "valid"
-    captions = figures.captions(cfg.model, split, summary.get(split, {}).get("n_images"))
+    about = summary.get(split, {})
+    captions = figures.captions(cfg.model, split, about.get("n_images"), labelled=about.get("labelled", True))
     figs = [(captions[name], name) for name in figures.NAMES if (run / name).exists()]
     html = report.run_report(f"vaekit run: {run.name}", cfg.to_dict(), summary, figs,
                              runs.read_jsonl(run / "metrics.jsonl"))

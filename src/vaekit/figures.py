@@ -19,16 +19,16 @@ N_MANIFOLD = 20  # the manifold grid is N_MANIFOLD × N_MANIFOLD
 TRAVERSAL_VALUES = (-3.0, 3.0, 9)  # linspace(-3, 3, 9)
 
 
-def captions(model: ModelConfig, split: str, n_images: int | None = None) -> dict[str, str]:
+def captions(model: ModelConfig, split: str, n_images: int | None = None, labelled: bool = True) -> dict[str, str]:
     """What each figure of a run shows and how to read it, for a model of config ``model`` whose
-    figures were drawn from ``n_images`` images of ``split``."""
+    figures were drawn from ``n_images`` images of ``split`` (``labelled``: the images came with labels)."""
     d = model.latent_dim
     prior = "z2 ~ N(0, I), then z1 ~ p(z1|z2)" if model.arch == "mlp2" else "z ~ N(0, I)"
     probabilities = (" For a Bernoulli decoder the means are pixel probabilities, so they look grey where the "
                      "originals (binarized draws, if the run binarizes) are black or white."
                      if model.likelihood == "bernoulli" else "")
     n_latent = N_LATENT if n_images is None else min(N_LATENT, n_images)
-    latent = f"Means of q(z|x) for the first {n_latent} {split} images, coloured by label"
+    latent = f"Means of q(z|x) for the first {n_latent} {split} images" + (", coloured by label" if labelled else "")
     if d > 2:
         latent += ", projected on their first two principal components (their share of the variance on the axes)"
     if model.n_classes:
