@@ -104,11 +104,13 @@ def normal_kl(q: Normal, p: Normal) -> torch.Tensor:
     """KL(N(μq, σq²) ‖ N(μp, σp²)) per element: log(σp/σq) + (σq² + (μq − μp)²) / (2σp²) − ½.
 
     What torch.distributions computes, written out so that torch.compile traces it in one graph
-    (kl_divergence's dispatch on types is a graph break).
+    (kl_divergence's dispatch on types is a graph break). The log of the variance ratio is taken as
+    a difference of logs: the ratio itself underflows in float32 once σq/σp < 1e-19 or so (a
+    posterior the encoder has made very sure), where kl_divergence returns inf.
     """
-    var_ratio = (q.scale / p.scale).pow(2)
+    log_ratio = 2 * (q.scale.log() - p.scale.log())  # log(σq² / σp²)
     t = ((q.loc - p.loc) / p.scale).pow(2)
-    return 0.5 * (var_ratio + t - 1 - var_ratio.log())
+    return 0.5 * (log_ratio.exp() + t - 1 - log_ratio)
 
 
 def log_weights(model, x: torch.Tensor, q: Distribution, z: torch.Tensor,
