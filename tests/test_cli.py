@@ -76,8 +76,9 @@ def test_train_writes_every_file_and_other_commands_work(tmp_path, npz, capsys):
     assert main(train_args(run2, npz, "--latent-dim", "3")) == 0
     assert not (run2 / "manifold.png").exists()  # only for a 2-D latent space
     assert main(["compare", str(run), str(run2), "--out", str(tmp_path / "cmp")]) == 0
-    assert {"compare.png", "report.html"} <= {p.name for p in (tmp_path / "cmp").iterdir()}
-    assert "../run/report.html" in (tmp_path / "cmp" / "report.html").read_text()
+    assert {"compare.png", "rate_distortion.png", "report.html"} <= {p.name for p in (tmp_path / "cmp").iterdir()}
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert "../run/report.html" in page and 'src="rate_distortion.png"' in page
 
 
 def test_resume_continues_a_run(tmp_path, npz):

@@ -232,6 +232,26 @@ def test_compare_labels_each_run_with_its_elbo():
     assert labels == ["original", "latent 2  ELBO -123.5 nats", "latent 20  ELBO -95.0 nats"]
 
 
+def test_rate_distortion_puts_each_run_at_its_kl_and_recon_on_its_line_of_equal_elbo():
+    fig = plots.rate_distortion([("z=2", 6.5, 140.0), ("z=20", 25.0, 78.0)])
+    ax = fig.axes[0]
+    lines = ax.get_lines()  # per run: its line of equal −ELBO, then its point
+    for (line, point), (rate, dist) in zip(zip(lines[::2], lines[1::2]), [(6.5, 140.0), (25.0, 78.0)]):
+        assert (point.get_xdata()[0], point.get_ydata()[0]) == (rate, dist)
+        xs, ys = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+        np.testing.assert_allclose(xs + ys, rate + dist)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["z=2  (−ELBO 146.5)", "z=20  (−ELBO 103.0)"]
+    assert ax.get_xlim()[0] >= 0  # a rate is never negative
+    render(fig)
+
+
+def test_rate_distortion_refuses_no_points_and_non_finite_ones():
+    with pytest.raises(ValueError, match="at least one"):
+        plots.rate_distortion([])
+    with pytest.raises(ValueError, match="not so for bad"):
+        plots.rate_distortion([("ok", 1.0, 2.0), ("bad", float("nan"), 2.0)])
+
+
 def test_reconstructions_put_originals_above_their_reconstructions():
     x, r = torch.zeros(20, 1, 3, 3), torch.ones(20, 1, 3, 3)
     fig = plots.reconstructions(x, r)

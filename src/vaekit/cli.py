@@ -819,30 +819,32 @@ def eval_(
 @app.command()
 def compare(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories to compare."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for compare.png and report.html "
-                                       "(default ./compare)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for compare.png, rate_distortion.png "
+                                       "and report.html (default ./compare)."),
     n: int = typer.Option(8, "--n", help="Images per row."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace compare.png and report.html if the "
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the figures and report.html if the "
                                    "folder --out names holds them (in ./compare they are always replaced)."),
 ) -> None:
-    """Reconstructions of several runs side by side, with their test ELBO."""
+    """Reconstructions of several runs side by side, with their test ELBO, and each run's rate (KL) against
+    its distortion (reconstruction term)."""
     from vaekit import generate, plots, report
     from vaekit.train import eval_set, labels_for
 
     _check_count(n, 64, "images a readable row holds")
     named, out = out is not None, (out or Path("compare")).expanduser()
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; compare writes compare.png and report.html into a folder.")
+        raise ConfigError(f"--out {out} is a file; compare writes its figures and report.html into a folder.")
     if (out / "config.json").exists():
         raise ConfigError(f"--out {out} is a run directory, and compare would replace its report.html; "
                           "give another folder.")
     for run in run_dirs:
         _not_the_input(out / "compare.png", None, run)
-    there = [name for name in ("compare.png", "report.html") if os.path.lexists(out / name)]
+    written = ("compare.png", "rate_distortion.png", "report.html")
+    there = [name for name in written if os.path.lexists(out / name)]
     if named and there and not overwrite:
-        raise ConfigError(f"--out {out} already holds {' and '.join(there)}; name a new folder, or pass "
+        raise ConfigError(f"--out {out} already holds {', '.join(there)}; name a new folder, or pass "
                           "--overwrite to replace them.")
-    rows, table = [], []
+    rows, table, points = [], [], []
     # Every run reconstructs the first run's images (with their labels, for a conditional model).
     first_cfg, ds0, split0 = _split(run_dirs[0], None, limit=n)
     x0 = eval_set(ds0, first_cfg.data)
@@ -864,11 +866,21 @@ def compare(
                      elbo_value))
         table.append((Path(run).name, os.path.relpath(Path(run) / "report.html", out),
                       {"latent_dim": cfg.model.latent_dim, **summary}))
-    _save_figures(out, {"compare.png": plots.compare(x0, rows)})
-    splits = {"test" if "test" in summary else "valid" for _, _, summary in table}
-    html = report.index_report("vaekit comparison", table, [(
-        f"Reconstructions of the same {split0} images by each run, with its {' or '.join(sorted(splits))} "
-        "ELBO (nats per image; higher is better).", "compare.png")])
+        about = summary.get(split, {})
+        if "kl" in about and "recon" in about:
+            points.append((rows[-1][0], about["kl"], about["recon"]))
+    splits = " or ".join(sorted({"test" if "test" in summary else "valid" for _, _, summary in table}))
+    figs = {"compare.png": plots.compare(x0, rows)}
+    captions = [(f"Reconstructions of the same {split0} images by each run, with its {splits} ELBO (nats per "
+                 "image; higher is better).", "compare.png")]
+    if points:  # runs whose evaluation has finished
+        figs["rate_distortion.png"] = plots.rate_distortion(points)
+        captions.append((f"What each run's {splits} −ELBO is made of: the nats its code carries (rate, the KL) "
+                         "and the nats its reconstructions miss (distortion). Each dashed line joins the points "
+                         "of one −ELBO; a larger z usually buys a lower distortion for a higher rate.",
+                         "rate_distortion.png"))
+    _save_figures(out, figs)
+    html = report.index_report("vaekit comparison", table, captions)
     with _writable(out):
         runs.write_text(out / "report.html", html)
     typer.echo(str(out / "report.html"))

@@ -169,6 +169,42 @@ def compare(originals, runs: Sequence[tuple[str, object, float | None]],
     return _grid_figure(np.stack(rows), title, row_labels=labels)
 
 
+def rate_distortion(points: Sequence[tuple[str, float, float]],
+                    title: str = "Rate against distortion, one point per run") -> Figure:
+    """Each run's rate (KL(q(z|x) ‖ p(z)), nats) on x against its distortion (−E_q log p(x|z), nats).
+
+    ``points`` holds (label, rate, distortion). Their sum is the run's −ELBO, so the dashed lines,
+    of slope −1, join points of equal −ELBO: a run below another's line has the better ELBO, and
+    where two runs sit on one line the ELBO cannot tell them apart, though one spends more nats on
+    the code and reconstructs better (Alemi et al. 2018, "Fixing a Broken ELBO").
+    """
+    pts = [(str(label), float(r), float(d)) for label, r, d in points]
+    if not pts:
+        raise ValueError("rate_distortion needs at least one (label, rate, distortion) point")
+    bad = [label for label, r, d in pts if not (math.isfinite(r) and math.isfinite(d))]
+    if bad:
+        raise ValueError(f"rate and distortion must be finite numbers; not so for {', '.join(bad)}")
+    fig = Figure(figsize=(6.0, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    rates, dists = np.array([r for _, r, _ in pts]), np.array([d for _, _, d in pts])
+    pad_r = max(np.ptp(rates), 1.0) * 0.15
+    pad_d = max(np.ptp(dists), 1.0) * 0.15
+    r_lim = (max(0.0, rates.min() - pad_r), rates.max() + pad_r)
+    d_lim = (dists.min() - pad_d, dists.max() + pad_d)
+    line = np.array(r_lim)
+    for i, (label, r, d) in enumerate(pts):
+        colour = colormaps["tab10"](i % 10)
+        ax.plot(line, r + d - line, "--", color=colour, linewidth=0.8, alpha=0.6)
+        ax.plot([r], [d], "o", color=colour, label=f"{label}  (−ELBO {r + d:.1f})")
+    ax.set_xlim(*r_lim)
+    ax.set_ylim(*d_lim)
+    ax.set_xlabel("rate: KL(q(z|x) ‖ p(z)), nats per example")
+    ax.set_ylabel("distortion: −E$_q$ log p(x|z), nats per example")
+    ax.set_title(title)
+    ax.legend(fontsize="small", title="dashed: equal −ELBO", title_fontsize="small")
+    return fig
+
+
 def manifold_z(n: int = 20, eps: float = 0.05) -> torch.Tensor:
     """(n*n, 2) latent points on a grid of Gaussian quantiles, for decoding into a manifold picture.
 
