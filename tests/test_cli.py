@@ -556,6 +556,34 @@ def test_a_tiny_data_set_trains_and_gets_its_report(tmp_path, n):
     assert (run / "interpolations.png").exists() == (n == 20)
 
 
+def test_compare_plots_rate_and_distortion_only_for_runs_measured_alike(tmp_path, npz, monkeypatch):
+    from vaekit import plots
+
+    bern, wide, gauss = tmp_path / "bern", tmp_path / "wide", tmp_path / "gauss"
+    assert main(train_args(bern, npz)) == 0
+    assert main(train_args(wide, npz, "--latent-dim", "3")) == 0
+    assert main(train_args(gauss, npz, "--likelihood", "gaussian", "--sigma", "0.1")) == 0
+    drawn = []
+    real = plots.rate_distortion
+    monkeypatch.setattr(plots, "rate_distortion", lambda points: drawn.append(points) or real(points))
+    cmp = tmp_path / "cmp"
+    assert main(["compare", str(bern), str(gauss), str(wide), "--out", str(cmp)]) == 0
+    ev = {run: json.loads((run / "summary.json").read_text())["valid"] for run in (bern, wide)}
+    assert drawn == [[("bern (z=2)", ev[bern]["kl"], ev[bern]["recon"]),
+                      ("wide (z=3)", ev[wide]["kl"], ev[wide]["recon"])]]
+    page = (cmp / "report.html").read_text()
+    assert "are not measured like the first run" in page and "conditional model): gauss." in page
+
+    # no run with a finite ELBO on record: no figure, and an older one in the folder goes
+    for run in (bern, wide):
+        summary = json.loads((run / "summary.json").read_text())
+        summary["valid"]["kl"] = None
+        (run / "summary.json").write_text(json.dumps(summary))
+    assert main(["compare", str(bern), str(wide), "--out", str(cmp), "--overwrite"]) == 0
+    page = (cmp / "report.html").read_text()
+    assert len(drawn) == 1 and not (cmp / "rate_distortion.png").exists() and "rate_distortion" not in page
+
+
 def test_compare_gives_each_run_the_first_runs_images_with_their_labels(tmp_path, npz, capsys, monkeypatch):
     from vaekit import generate, runs
     from vaekit.data import load_splits

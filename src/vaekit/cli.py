@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -866,23 +867,58 @@ def compare(
                      elbo_value))
         table.append((Path(run).name, os.path.relpath(Path(run) / "report.html", out),
                       {"latent_dim": cfg.model.latent_dim, **summary}))
-        about = summary.get(split, {})
-        if "kl" in about and "recon" in about:
-            points.append((rows[-1][0], about["kl"], about["recon"]))
+        points.append((Path(run).name, cfg, split, summary.get(split, {})))
     splits = " or ".join(sorted({"test" if "test" in summary else "valid" for _, _, summary in table}))
     figs = {"compare.png": plots.compare(x0, rows)}
     captions = [(f"Reconstructions of the same {split0} images by each run, with its {splits} ELBO (nats per "
                  "image; higher is better).", "compare.png")]
-    if points:  # runs whose evaluation has finished
-        figs["rate_distortion.png"] = plots.rate_distortion(points)
-        captions.append((f"What each run's {splits} −ELBO is made of: the nats its code carries (rate, the KL) "
-                         "and the nats its reconstructions miss (distortion). Each dashed line joins the points "
-                         "of one −ELBO; a larger z usually buys a lower distortion for a higher rate.",
-                         "rate_distortion.png"))
+    shown, caption = _rate_distortion_points(points)
+    if shown:
+        figs["rate_distortion.png"] = plots.rate_distortion(shown)
+        captions.append((caption, "rate_distortion.png"))
     _save_figures(out, figs)
     html = report.index_report("vaekit comparison", table, captions)
     with _writable(out):
+        if not shown and os.path.lexists(out / "rate_distortion.png"):
+            os.remove(out / "rate_distortion.png")  # another comparison's figure, not this one's
         runs.write_text(out / "report.html", html)
+
+
+def _rate_distortion_points(points: list[tuple[str, RunConfig, str, dict]]) -> tuple[list, str]:
+    """The (name, rate, distortion) points of the runs whose nats are measured alike, and the caption.
+
+    Nats of reconstruction are comparable only between runs that score the same images under the
+    same likelihood: the first evaluated run sets the kind, and runs of another kind (a Gaussian
+    decoder beside a Bernoulli one, other data or binarization, a conditional model, whose bound is
+    on log p(x|y)) are left out and named, as are runs not yet evaluated.
+    """
+    def kind(cfg: RunConfig, split: str) -> tuple:
+        m, d = cfg.model, cfg.data
+        return (d.source, d.binarize, split, m.likelihood, "learned" if m.learn_sigma else m.sigma,
+                bool(m.n_classes))
+
+    shown, unevaluated, unlike, reference = [], [], [], None
+    for name, cfg, split, about in points:
+        rate, distortion = about.get("kl"), about.get("recon")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (rate, distortion)):
+            unevaluated.append(name)
+        elif reference is None or kind(cfg, split) == reference:
+            reference = kind(cfg, split)
+            shown.append((f"{name} (z={cfg.model.latent_dim})", rate, distortion))
+        else:
+            unlike.append(name)
+    split = "" if reference is None else reference[2]
+    caption = (f"What each run's {split} −ELBO is made of: the nats its code carries (rate, the KL) and the "
+               "nats its reconstructions miss (distortion). Each dashed line joins the points of one −ELBO; a "
+               "larger z, or a smaller β, usually buys a lower distortion for a higher rate.")
+    if reference is not None and reference[3] == "gaussian":
+        caption += " Under a Gaussian decoder the distortion is a negative log density, and can be below 0."
+    if unlike:
+        caption += (f" Left out, as their nats are not measured like the first run's (another likelihood, "
+                    f"data or binarization, or a conditional model): {', '.join(unlike)}.")
+    if unevaluated:
+        caption += f" Left out, with no finite ELBO on record (not evaluated yet): {', '.join(unevaluated)}."
+    return shown, caption
     typer.echo(str(out / "report.html"))
 
 

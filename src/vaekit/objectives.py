@@ -106,7 +106,8 @@ def normal_kl(q: Normal, p: Normal) -> torch.Tensor:
     What torch.distributions computes, written out so that torch.compile traces it in one graph
     (kl_divergence's dispatch on types is a graph break). The log of the variance ratio is taken as
     a difference of logs: the ratio itself underflows in float32 once σq/σp < 1e-19 or so (a
-    posterior the encoder has made very sure), where kl_divergence returns inf.
+    posterior the encoder has made very sure), where kl_divergence returns inf. (σq = exp(½ log σq²)
+    itself is 0 below log σq² ≈ −207, and there the KL is inf all the same.)
     """
     log_ratio = 2 * (q.scale.log() - p.scale.log())  # log(σq² / σp²)
     t = ((q.loc - p.loc) / p.scale).pow(2)

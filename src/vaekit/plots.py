@@ -189,13 +189,15 @@ def rate_distortion(points: Sequence[tuple[str, float, float]],
     rates, dists = np.array([r for _, r, _ in pts]), np.array([d for _, _, d in pts])
     pad_r = max(np.ptp(rates), 1.0) * 0.15
     pad_d = max(np.ptp(dists), 1.0) * 0.15
-    r_lim = (max(0.0, rates.min() - pad_r), rates.max() + pad_r)
+    low = rates.min() - pad_r
+    r_lim = (max(0.0, low) if rates.min() >= 0 else low, rates.max() + pad_r)  # a one-sample rate can dip below 0
     d_lim = (dists.min() - pad_d, dists.max() + pad_d)
     line = np.array(r_lim)
+    cmap = colormaps["tab10" if len(pts) <= 10 else "tab20"]
     for i, (label, r, d) in enumerate(pts):
-        colour = colormaps["tab10"](i % 10)
+        colour = cmap(i % cmap.N)
         ax.plot(line, r + d - line, "--", color=colour, linewidth=0.8, alpha=0.6)
-        ax.plot([r], [d], "o", color=colour, label=f"{label}  (−ELBO {r + d:.1f})")
+        ax.plot([r], [d], "osD^v"[i % 5], color=colour, label=f"{label}: −ELBO {r + d:.1f}")
     ax.set_xlim(*r_lim)
     ax.set_ylim(*d_lim)
     ax.set_xlabel("rate: KL(q(z|x) ‖ p(z)), nats per example")
