@@ -96,6 +96,27 @@ def test_by_class_rows_share_z_and_differ_by_label():
             torch.testing.assert_close(grid[c], decode(model, z, torch.full((4,), c)).mean)
     assert not torch.allclose(grid[0], grid[1])
     assert not torch.equal(generate.by_class(model, per_class=4, seed=1), grid)  # another seed, other codes
+    # a chosen few classes: those rows of the full grid, in the order asked
+    torch.testing.assert_close(generate.by_class(model, per_class=4, seed=0, classes=[2, 0]), grid[[2, 0]])
+    for bad in ([3], [-1], []):
+        with pytest.raises(ConfigError, match="between 0 and 2"):
+            generate.by_class(model, classes=bad)
+
+
+def test_many_classes_get_evenly_spaced_rows_named_by_their_labels():
+    from vaekit import figures
+
+    assert figures.shown_classes(3) == [0, 1, 2]
+    rows = figures.shown_classes(1000)
+    assert len(rows) == figures.N_CLASS_ROWS and rows[0] == 0 and rows[-1] == 999
+    assert all(0 < b - a <= 53 for a, b in zip(rows, rows[1:]))  # 999 / 19 ≈ 52.6 apart
+    model = build(ModelConfig(hidden=(8,), latent_dim=2, n_classes=45, input_shape=SHAPE), seed=0)
+    names = [f"c{i}" for i in range(45)]
+    fig = figures.run_figures(model, torch.rand(6, *SHAPE), torch.arange(6), [], class_names=names)["classes.png"]
+    shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert shown == [names[c] for c in figures.shown_classes(45)]
+    caption = figures.captions(model.cfg, "test")["classes.png"]
+    assert "20 of the 45 classes" in caption
 
 
 def test_misuse_is_a_clear_error():

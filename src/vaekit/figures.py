@@ -16,6 +16,14 @@ NAMES = ("reconstructions.png", "samples.png", "classes.png", "latent.png", "man
 N_LATENT = 5000  # images in the latent scatter
 N_TRAVERSED = 10  # latent dimensions in the traversal
 N_MANIFOLD = 20  # the manifold grid is N_MANIFOLD × N_MANIFOLD
+N_CLASS_ROWS = 20  # rows of the conditional samples: beyond this many classes, evenly spaced ones
+
+
+def shown_classes(n_classes: int) -> list[int]:
+    """The labels the conditional-samples figure has a row for: all, or N_CLASS_ROWS evenly spaced."""
+    if n_classes <= N_CLASS_ROWS:
+        return list(range(n_classes))
+    return [round(i * (n_classes - 1) / (N_CLASS_ROWS - 1)) for i in range(N_CLASS_ROWS)]
 TRAVERSAL_VALUES = (-3.0, 3.0, 9)  # linspace(-3, 3, 9)
 
 
@@ -40,8 +48,10 @@ def captions(model: ModelConfig, split: str, n_images: int | None = None, labell
         "samples.png": f"The decoder's mean for 64 draws from the prior, {prior}: what the model generates, "
                        "without the noise of p(x|z)"
                        + (" (pixel probabilities, for a Bernoulli decoder)." if probabilities else "."),
-        "classes.png": "Conditional samples: one row per class, the same draw of z down each column, so what z "
-                       "holds (style) separates from what the label holds (the class).",
+        "classes.png": ("Conditional samples: one row per class" if model.n_classes <= N_CLASS_ROWS else
+                        f"Conditional samples: one row for each of {N_CLASS_ROWS} of the {model.n_classes} classes, "
+                        "evenly spaced") + ", the same draw of z down each column, so what z holds (style) "
+                       "separates from what the label holds (the class).",
         "latent.png": latent + ".",
         "manifold.png": f"The learned 2-D manifold: the decoder's mean on a {N_MANIFOLD} × {N_MANIFOLD} grid of z at the Gaussian "
                         "quantiles from 5 % to 95 % (±1.64), z1 growing to the right and z2 upwards (Kingma & "
@@ -90,7 +100,9 @@ def run_figures(
         ),
     }
     if y is not None:
-        figs["classes.png"] = plots.by_class(generate.by_class(model, 10, seed=seed), class_names=class_names)
+        rows = shown_classes(generate.n_classes(model))
+        figs["classes.png"] = plots.by_class(generate.by_class(model, 10, seed=seed, classes=rows),
+                                             class_names=[class_names[c] if class_names else str(c) for c in rows])
     if model.latent_dim == 2:
         if y is None:
             figs["manifold.png"] = plots.manifold(generate.manifold(model, N_MANIFOLD), N_MANIFOLD)

@@ -9,6 +9,7 @@ encodes or decodes; sampling takes the class to draw.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 
 import torch
 
@@ -127,14 +128,19 @@ def manifold(model, n: int = 20, label: int | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def by_class(model, per_class: int = 10, seed: int = 0) -> torch.Tensor:
-    """A conditional model's samples, one row per class, the same z down each column: (C, per_class, *shape)."""
-    classes = n_classes(model)
-    if not classes:
+def by_class(model, per_class: int = 10, seed: int = 0, classes: Sequence[int] | None = None) -> torch.Tensor:
+    """A conditional model's samples, one row per class, the same z down each column: (C, per_class, *shape).
+
+    classes: the labels of the rows, in order (default: every class, 0 to C − 1).
+    """
+    count = n_classes(model)
+    if not count:
         raise ConfigError("by_class needs a conditional model (n_classes > 0).")
-    z = _prior_draw(model, per_class, seed).expand(classes, -1, -1)  # (C, per_class, D)
-    y = torch.arange(classes)[:, None].expand(-1, per_class)
-    return decode_mean(model, z, y)
+    rows = torch.arange(count) if classes is None else torch.as_tensor(list(classes), dtype=torch.long)
+    if rows.dim() != 1 or not len(rows) or not ((rows >= 0) & (rows < count)).all():
+        raise ConfigError(f"classes must list labels between 0 and {count - 1}; got {list(classes or [])}.")
+    z = _prior_draw(model, per_class, seed).expand(len(rows), -1, -1)  # (rows, per_class, D)
+    return decode_mean(model, z, rows[:, None].expand(-1, per_class))
 
 
 @torch.no_grad()
