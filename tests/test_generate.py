@@ -49,6 +49,27 @@ def test_encode_mean_is_the_encoders_mean_in_batches():
     torch.testing.assert_close(generate.encode_mean(model, x, batch_size=3), whole)
 
 
+def test_kl_by_dimension_is_the_mean_closed_form_kl_and_picks_the_traversed_dimensions():
+    from torch.distributions import Normal, kl_divergence
+
+    from vaekit import figures
+
+    model = build(ModelConfig(input_shape=[1, 6, 6], latent_dim=12, hidden=[16]), seed=0).eval()
+    x = torch.rand(9, 1, 6, 6).bernoulli()
+    with torch.no_grad():
+        q = encode(model, x)
+    expected = kl_divergence(q.base_dist, Normal(torch.zeros(12), torch.ones(12))).mean(0)
+    kl = generate.kl_by_dimension(model, x, batch_size=4)  # batches of 4, 4 and 1, each image counted once
+    torch.testing.assert_close(kl, expected)
+    dims = figures.traversed_dims(12, kl)
+    assert dims == sorted(range(12), key=lambda d: -float(kl[d]))[: figures.N_TRAVERSED]
+    assert figures.traversed_dims(12, None) == list(range(figures.N_TRAVERSED))
+    assert figures.traversed_dims(5, kl[:5]) == [0, 1, 2, 3, 4]  # few enough: all, in order
+    two = build(ModelConfig(arch="mlp2", input_shape=[1, 6, 6], latent_dim=2, latent1_dim=3, hidden=[8],
+                            hidden2=[8]), seed=0).eval()
+    assert generate.kl_by_dimension(two, x) is None  # q(z1, z2 | x) does not factorise by dimension
+
+
 def test_traversal_sets_one_dimension_of_the_images_code_at_a_time():
     model = build(ModelConfig(input_shape=[1, 6, 6], latent_dim=4, hidden=[16]), seed=0).eval()
     x = torch.rand(1, 1, 6, 6).bernoulli()

@@ -178,7 +178,7 @@ def test_latent_scatter_says_pca_only_when_it_projects():
     g = torch.Generator().manual_seed(0)
     five = all_text(plots.latent_scatter(torch.randn(100, 5, generator=g)))
     two = all_text(plots.latent_scatter(torch.randn(100, 2, generator=g)))
-    assert "PCA of the 5-dim posterior means" in five and "PC1 (" in five and "PC2 (" in five
+    assert "PCA of the 5-dim means of q(z|x)" in five and "PC1 (" in five and "PC2 (" in five
     assert "% of variance" in five
     assert "PCA" not in two and "PC1" not in two
     titled = all_text(plots.latent_scatter(torch.randn(100, 5, generator=g), title="My run"))
@@ -230,6 +230,45 @@ def test_compare_labels_each_run_with_its_elbo():
     fig = plots.compare(x, [("latent 2", x, -123.456), ("latent 20", x, -95.04)])
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels == ["original", "latent 2  ELBO -123.5 nats", "latent 20  ELBO -95.0 nats"]
+
+
+def test_traversal_marks_the_images_own_values_and_names_each_rows_kl():
+    values = [-3.0, -1.5, 0.0, 1.5, 3.0]
+    fig = plots.latent_traversal(rand(3, 5, 1, 4, 4), dims=[4, 0, 2], values=values, own=[1.5, -5.0, 0.75],
+                                 kl=[2.5, 0.013, 1.0])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["$z_{5}$  KL 2.50", "$z_{1}$  KL 0.01", "$z_{3}$  KL 1.00"]
+    cols = [t.get_position()[0] for t in ax.get_xticklabels()]  # the column centres
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["-3", "-1.5", "0", "1.5", "3"]
+    marks = ax.get_lines()
+    assert [m.get_marker() for m in marks] == ["v", "<", "v"]  # -5 lies left of the range
+    assert marks[0].get_xdata()[0] == cols[3] and marks[1].get_xdata()[0] == cols[0]
+    assert marks[2].get_xdata()[0] == (cols[2] + cols[3]) / 2  # 0.75 is halfway from 0 to 1.5
+    rows = [t.get_position()[1] for t in ax.get_yticklabels()]
+    assert all(abs(m.get_ydata()[0] - r) < 2 for m, r in zip(marks, rows))  # each mark on its own row
+    render(fig)
+    with pytest.raises(ValueError, match="own needs one value per varied dimension"):
+        plots.latent_traversal(rand(3, 5, 1, 4, 4), dims=[4, 0, 2], values=values, own=[1.0])
+
+
+def test_interpolations_put_each_pairs_images_at_the_ends():
+    strips, pairs = torch.full((2, 4, 1, 3, 3), 0.5), torch.stack([torch.zeros(2, 1, 3, 3), torch.ones(2, 1, 3, 3)], 1)
+    fig = plots.interpolations(strips, originals=pairs)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[0] == "image a" and labels[-1] == "image b" and len(labels) == 6
+    mosaic = np.asarray(ax.get_images()[0].get_array())
+    assert (mosaic[1:4, 1:4] == 0).all() and (mosaic[1:4, -4:-1] == 1).all()  # row 1: a left, b right
+    assert (mosaic[1:4, 5:8] == 0.5).all()
+    with pytest.raises(ValueError, match="pairs' images"):
+        plots.interpolations(strips, originals=pairs[:, :1])
+
+
+def test_latent_scatter_draws_the_manifold_square_in_2d():
+    fig = plots.latent_scatter(torch.randn(50, 2), torch.arange(50) % 3, box=1.64)
+    (square,) = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert sorted(set(square.get_xdata())) == [-1.64, 1.64] and sorted(set(square.get_ydata())) == [-1.64, 1.64]
+    assert "manifold grid (±1.64)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
 
 
 def test_rate_distortion_puts_each_run_at_its_kl_and_recon_on_its_line_of_equal_elbo():

@@ -714,8 +714,8 @@ def interpolate(
     strip = generate.interpolate(model, x[:1], x[1:], steps=steps,
                                  y_a=None if y is None else y[:1], y_b=None if y is None else y[1:])
     title = (f"Interpolation between {split if data is None else Path(data).name} images {a} and {b} "
-             "(decoded along a line between posterior means)")
-    _save_figures(path.parent, {path.name: plots.interpolations(strip, title=title)})
+             "(decoded along a line between the means of q(z|x); the two images at the ends)")
+    _save_figures(path.parent, {path.name: plots.interpolations(strip, title=title, originals=x[None])})
     typer.echo(str(path))
 
 

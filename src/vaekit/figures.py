@@ -17,6 +17,17 @@ N_LATENT = 5000  # images in the latent scatter
 N_TRAVERSED = 10  # latent dimensions in the traversal
 N_MANIFOLD = 20  # the manifold grid is N_MANIFOLD × N_MANIFOLD
 N_CLASS_ROWS = 20  # rows of the conditional samples: beyond this many classes, evenly spaced ones
+TRAVERSAL_VALUES = (-3.0, 3.0, 9)  # linspace(-3, 3, 9)
+N_KL = 1000  # images over which each latent dimension's KL is averaged, to choose the traversed ones
+MANIFOLD_EXTENT = 1.6449  # the manifold grid's outer z: the 95 % Gaussian quantile (plots.manifold_z's eps = 0.05)
+
+
+def traversed_dims(latent_dim: int, kl: torch.Tensor | None) -> list[int]:
+    """The dimensions the traversal varies: all, in order, if there are at most N_TRAVERSED; else the
+    N_TRAVERSED with the largest KL, largest first (the first N_TRAVERSED if the KL is unknown)."""
+    if latent_dim <= N_TRAVERSED or kl is None:
+        return list(range(min(latent_dim, N_TRAVERSED)))
+    return torch.argsort(kl, descending=True, stable=True)[:N_TRAVERSED].tolist()
 
 
 def shown_classes(n_classes: int) -> list[int]:
@@ -24,7 +35,6 @@ def shown_classes(n_classes: int) -> list[int]:
     if n_classes <= N_CLASS_ROWS:
         return list(range(n_classes))
     return [round(i * (n_classes - 1) / (N_CLASS_ROWS - 1)) for i in range(N_CLASS_ROWS)]
-TRAVERSAL_VALUES = (-3.0, 3.0, 9)  # linspace(-3, 3, 9)
 
 
 def captions(model: ModelConfig, split: str, n_images: int | None = None, labelled: bool = True) -> dict[str, str]:
@@ -39,9 +49,22 @@ def captions(model: ModelConfig, split: str, n_images: int | None = None, labell
     latent = f"Means of q(z|x) for the first {n_latent} {split} images" + (", coloured by label" if labelled else "")
     if d > 2:
         latent += ", projected on their first two principal components (their share of the variance on the axes)"
+    if d == 2:
+        latent += (f"; the dashed square is the manifold grid's extent (±{MANIFOLD_EXTENT:.2f}): codes outside it "
+                   "are in the prior's outer 10 % in that coordinate, which the grid does not draw")
     if model.n_classes:
         latent += ". This model is given the label, so its z need not cluster by it: z holds the style"
     lo, hi, _ = TRAVERSAL_VALUES
+    factorised = model.arch != "mlp2"  # two stochastic layers: no KL per dimension
+    if d <= N_TRAVERSED:
+        which = "every dimension of z"
+    elif factorised:
+        which = f"the {N_TRAVERSED} dimensions of z with the largest KL, largest first"
+    else:
+        which = f"the first {N_TRAVERSED} dimensions of z"
+    kl_note = (f" Beside each name is that dimension's KL(q ‖ p) in nats, averaged over {N_KL} {split} images: "
+               "a dimension near 0 carries almost nothing about the image, so varying it changes little."
+               if factorised else "")
     return {
         "reconstructions.png": f"{split.capitalize()} images (top) and their reconstructions (bottom): the "
                                f"decoder's mean at z = the mean of q(z|x).{probabilities}",
@@ -53,15 +76,17 @@ def captions(model: ModelConfig, split: str, n_images: int | None = None, labell
                         "evenly spaced") + ", the same draw of z down each column, so what z holds (style) "
                        "separates from what the label holds (the class).",
         "latent.png": latent + ".",
-        "manifold.png": f"The learned 2-D manifold: the decoder's mean on a {N_MANIFOLD} × {N_MANIFOLD} grid of z at the Gaussian "
-                        "quantiles from 5 % to 95 % (±1.64), z1 growing to the right and z2 upwards (Kingma & "
-                        "Welling 2014, Fig. 4).",
+        "manifold.png": f"The learned 2-D manifold: the decoder's mean on a {N_MANIFOLD} × {N_MANIFOLD} grid of z "
+                        f"at the Gaussian quantiles from 5 % to 95 % (±{MANIFOLD_EXTENT:.2f}), z1 growing to the "
+                        "right and z2 upwards (Kingma & Welling 2013, Fig. 4). It shows what the prior's central "
+                        "region decodes to; the latent figure shows which codes real images get.",
         "interpolations.png": f"Decoding along straight lines between the means of q(z|x) of random pairs of "
-                              f"{split} images: each row starts at one image's reconstruction and ends at the "
-                              "other's.",
+                              f"{split} images: the two images stand at the ends of each row, and the decoded line "
+                              "runs from the first one's reconstruction (t = 0) to the second one's (t = 1).",
         "traversal.png": f"Latent traversal: z starts at the mean of q(z|x) for {split} image 0; each row sets one "
-                         f"dimension (the first {min(d, N_TRAVERSED)}) to the values {lo:g} to {hi:g} across, the "
-                         "others kept.",
+                         f"dimension to the values {lo:g} to {hi:g} across, the others kept ({which}). The red "
+                         "triangle marks the image's own value of that dimension (at an end, pointing out, if it "
+                         f"lies beyond the range).{kl_note}",
         "training.png": "Training curves in nats per example: train is the mean over each epoch's steps, valid is "
                         "measured at the epoch's end; the dotted line marks the best epoch, whose weights the "
                         "figures use.",
@@ -96,7 +121,7 @@ def run_figures(
         "samples.png": plots.samples(generate.sample(model, 64, seed=seed)),
         "latent.png": plots.latent_scatter(
             generate.encode_mean(model, x[:n_latent], y=y_latent), None if labels is None else labels[:n_latent],
-            class_names=class_names,
+            class_names=class_names, box=MANIFOLD_EXTENT if model.latent_dim == 2 else None,
         ),
     }
     if y is not None:
@@ -115,11 +140,15 @@ def run_figures(
         pairs = torch.randperm(len(x), generator=g)[: 2 * n_pairs].view(n_pairs, 2)
         figs["interpolations.png"] = plots.interpolations(generate.interpolate(
             model, x[pairs[:, 0]], x[pairs[:, 1]], steps=10,
-            y_a=None if y is None else y[pairs[:, 0]], y_b=None if y is None else y[pairs[:, 1]]))
-    dims = list(range(min(model.latent_dim, N_TRAVERSED)))
+            y_a=None if y is None else y[pairs[:, 0]], y_b=None if y is None else y[pairs[:, 1]]),
+            originals=x[pairs])
+    kl = generate.kl_by_dimension(model, x[:N_KL], y=None if y is None else y[:N_KL])
+    dims = traversed_dims(model.latent_dim, kl)
     values = torch.linspace(*TRAVERSAL_VALUES)
+    y0 = None if y is None else y[:1]
     figs["traversal.png"] = plots.latent_traversal(
-        generate.traversal(model, x[0], dims, values, None if y is None else y[0]), dims, values)
+        generate.traversal(model, x[0], dims, values, None if y is None else y[0]), dims, values,
+        own=generate.encode_mean(model, x[:1], y=y0)[0, dims], kl=None if kl is None else kl[dims])
     if metrics:
         from vaekit.train import selection_score
 

@@ -69,6 +69,24 @@ def encode_mean(model, x: torch.Tensor, batch_size: int = 1000, y: torch.Tensor 
 
 
 @torch.no_grad()
+def kl_by_dimension(model, x: torch.Tensor, batch_size: int = 1000,
+                    y: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Mean KL(q(z_d|x) ‖ p(z_d)) of each latent dimension over x, in nats: (D,). A dimension near 0
+    carries no information about x. None where q does not factorise by dimension (two stochastic layers)."""
+    from vaekit.evaluate import _kl_per_dim
+
+    dev = _device(model)
+    parts = []
+    for i in range(0, len(x), batch_size):
+        y_part = None if y is None else y[i : i + batch_size].to(dev)
+        part = _kl_per_dim(encode(model, x[i : i + batch_size].to(dev), y_part), model.prior())
+        if part is None:
+            return None
+        parts.append(part)
+    return torch.cat(parts).mean(0).float()
+
+
+@torch.no_grad()
 def reconstruct(model, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Decode the posterior mean of each x: E_p[x | z = E_q[z|x]], shape of x."""
     dev = _device(model)

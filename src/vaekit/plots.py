@@ -211,7 +211,7 @@ def manifold_z(n: int = 20, eps: float = 0.05) -> torch.Tensor:
     """(n*n, 2) latent points on a grid of Gaussian quantiles, for decoding into a manifold picture.
 
     Coordinates are Normal(0, 1).icdf(linspace(eps, 1 - eps, n)), as in Kingma &
-    Welling (2014), Fig. 4. Point i*n + j is drawn at row i, column j: z1 grows
+    Welling (2013), Fig. 4. Point i*n + j is drawn at row i, column j: z1 grows
     left to right with j, z2 falls top to bottom with i (up is +z2, as on a plot).
     """
     if n < 1 or not 0.0 < eps < 0.5:
@@ -256,28 +256,54 @@ def interpolation_z(z_a: torch.Tensor, z_b: torch.Tensor, steps: int = 10) -> to
 
 
 def interpolations(strips, title: str = "Interpolations between pairs of images "
-                   "(decoded along a line between posterior means)") -> Figure:
-    """strips (P, S, C, H, W): row p decodes S points from z_a (left) to z_b (right)."""
+                   "(decoded along a line between the means of q(z|x))", originals=None) -> Figure:
+    """strips (P, S, C, H, W): row p decodes S points from z_a (left) to z_b (right).
+
+    originals (P, 2, C, H, W), if given: the two images of each pair, drawn at the row's ends."""
     a = _as_images(strips, lead=2)
     P, S = a.shape[:2]
     labelled = _ticks(S, 11)
     cols = [f"{t:.2g}" if j in labelled else None for j, t in enumerate(np.linspace(0.0, 1.0, S))]
+    if originals is not None:
+        o = _as_images(originals, lead=2)
+        if o.shape != (P, 2, *a.shape[2:]):
+            raise ValueError(f"expected the pairs' images shaped {(P, 2, *a.shape[2:])}, got {o.shape}")
+        a = np.concatenate([o[:, :1], a, o[:, 1:]], axis=1)
+        cols = ["image a", *cols, "image b"]
     return _grid_figure(a, title, row_labels=[f"pair {p + 1}" for p in range(P)], col_labels=cols,
                         xlabel="$t$ in $z = (1-t)\\,z_a + t\\,z_b$")
 
 
-def latent_traversal(images, dims: Sequence[int], values,
+def latent_traversal(images, dims: Sequence[int], values, own=None, kl=None,
                      title: str = "Latent traversals: one dimension varied, the others fixed") -> Figure:
     """images (len(dims), len(values), C, H, W): row = latent dimension varied, column = its value.
     Rows are labelled z_1, z_2, …: dimension d (0-based) is z_{d+1}, as the scatter and the manifold
-    name them."""
+    name them.
+
+    own (len(dims),), if given: the image's own value of each dimension, marked by a red triangle
+    above its row where it falls between the columns (at the nearer end, pointing out, beyond them).
+    kl (len(dims),), if given: each dimension's mean KL in nats, shown beside its name."""
     a = _as_images(images, lead=2)
     vals = [float(v) for v in values]
     if a.shape[:2] != (len(dims), len(vals)):
         raise ValueError(f"expected images shaped ({len(dims)}, {len(vals)}, C, H, W), got {a.shape}")
-    return _grid_figure(a, title, row_labels=[f"$z_{{{d + 1}}}$" for d in dims],  # z_1 first, as on the other plots
-                        col_labels=[f"{v:.2g}" for v in vals],
-                        xlabel="value of the varied latent dimension", ylabel="latent dimension")
+    for name, given in (("own", own), ("kl", kl)):
+        if given is not None and len(given) != len(dims):
+            raise ValueError(f"{name} needs one value per varied dimension ({len(dims)}), got {len(given)}")
+    rows = [f"$z_{{{d + 1}}}$" + ("" if kl is None else f"  KL {float(kl[i]):.2f}") for i, d in enumerate(dims)]
+    fig = _grid_figure(a, title, row_labels=rows,  # z_1 first, as on the other plots
+                       col_labels=[f"{v:g}" for v in vals],
+                       xlabel="value of the varied latent dimension", ylabel="latent dimension")
+    if own is not None:
+        ax = fig.axes[0]
+        H, W = a.shape[-2:]
+        xs, tops = _centres(len(vals), W), [c - (H - 1) / 2 for c in _centres(len(dims), H)]
+        order = np.argsort(vals)
+        for value, top in zip((float(v) for v in own), tops):
+            x = float(np.interp(value, np.asarray(vals)[order], np.asarray(xs)[order]))
+            marker = "<" if value < min(vals) else ">" if value > max(vals) else "v"
+            ax.plot([x], [top + H * 0.12], marker=marker, color="red", markersize=5, clip_on=False)
+    return fig
 
 
 def by_class(images, class_names: Sequence[str] | None = None,
@@ -312,10 +338,11 @@ def _colour_values(y, codes):
 
 
 def latent_scatter(means, labels=None, title: str | None = None,
-                   class_names: Sequence[str] | None = None) -> Figure:
-    """Posterior means E[z|x] (N, D): histogram for D = 1, scatter for D = 2, PCA to 2-D for D > 2.
+                   class_names: Sequence[str] | None = None, box: float | None = None) -> Figure:
+    """Means of q(z|x) (N, D): histogram for D = 1, scatter for D = 2, PCA to 2-D for D > 2.
 
-    Integer labels colour the points; class_names[c], when given, names label c in the legend."""
+    Integer labels colour the points; class_names[c], when given, names label c in the legend.
+    box (D = 2 only): a dashed square of half-width ``box`` around 0, e.g. the manifold grid's extent."""
     m = torch.as_tensor(means.detach().cpu() if torch.is_tensor(means) else np.asarray(means),
                         dtype=torch.float64)
     if m.dim() != 2 or m.shape[1] < 1:
@@ -340,21 +367,24 @@ def latent_scatter(means, labels=None, title: str | None = None,
                     color=[cmap(i) for i in range(len(classes))], label=[name(c) for c in classes])
         else:
             ax.hist(x, bins=50, color="tab:blue")
-        ax.set_xlabel("$z_1$ (posterior mean)")
+        ax.set_xlabel("$z_1$ (mean of q(z|x))")
         ax.set_ylabel("number of examples")
-        default = "Posterior means E[z|x] of the 1-dim latent space"
+        default = "Means of q(z|x) in the 1-dim latent space"
     else:
         if d == 2:
             xy = m.numpy()
-            ax.set_xlabel("$z_1$ (posterior mean)")
-            ax.set_ylabel("$z_2$ (posterior mean)")
-            default = "Latent space: posterior means E[z|x]"
+            ax.set_xlabel("$z_1$ (mean of q(z|x))")
+            ax.set_ylabel("$z_2$ (mean of q(z|x))")
+            default = "Latent space: means of q(z|x)"
+            if box is not None:
+                ax.plot([-box, box, box, -box, -box], [-box, -box, box, box, -box], "--", color="0.3",
+                        linewidth=1, label=f"manifold grid (±{box:.2f})", zorder=3)
         else:
             proj, ratio = _pca2(m)
             xy = proj.numpy()
             ax.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% of variance)")
             ax.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}% of variance)")
-            default = f"PCA of the {d}-dim posterior means E[z|x]"
+            default = f"PCA of the {d}-dim means of q(z|x)"
         size = 12 if n <= 2000 else 4
         if discrete:
             for i, c in enumerate(classes):
@@ -367,8 +397,8 @@ def latent_scatter(means, labels=None, title: str | None = None,
                             rasterized=True)
             if y is not None:
                 fig.colorbar(sc, ax=ax, label="label")
-    if discrete:
-        ax.legend(title="label" if class_names is None else "class", loc="center left", bbox_to_anchor=(1.0, 0.5),
+    if discrete or (box is not None and d == 2):
+        ax.legend(title=None if not discrete else "label" if class_names is None else "class", loc="center left", bbox_to_anchor=(1.0, 0.5),
                   frameon=False, markerscale=1.5 if d > 1 else 1.0)
     if title is None:
         title = default
