@@ -81,6 +81,40 @@ def test_train_writes_every_file_and_other_commands_work(tmp_path, npz, capsys):
     assert "../run/report.html" in page and 'src="rate_distortion.png"' in page
 
 
+def test_training_on_drops_eval_results_of_replaced_weights_and_says_when_nothing_is_left(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    assert main(["eval", str(run), "--split", "valid", "--k", "5", "--no-progress"]) == 0
+    assert main(["plot", str(run)]) == 0  # the same weights: their result stays
+    assert "valid_eval" in json.loads((run / "summary.json").read_text())
+    assert "log p(x)" in (run / "report.html").read_text()
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert "has finished its 1 epochs, so there is nothing to train" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] == 3  # a later epoch's weights are the run's now, and their result is not known
+    assert "valid_eval" not in summary and "log p(x)" not in (run / "report.html").read_text()
+
+
+def test_conditional_training_refuses_labels_that_skip_classes(tmp_path, npz, capsys):
+    d = np.load(npz)
+    sparse = tmp_path / "sparse.npz"
+    np.savez(sparse, x=d["x"], y=np.where(d["y"] == 2, 1000, d["y"]))
+    assert main(train_args(tmp_path / "c", sparse, "--conditional")) == 2
+    err = capsys.readouterr().err
+    assert "labels run up to 1000" in err and "998 of them never occur" in err and "numpy.unique" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_log_names_what_was_trained_on(tmp_path, npz, capsys):
+    assert main(train_args(tmp_path / "iw", npz, "--objective", "iwae")) == 0
+    assert "the IWAE bound with k = 1 is the ELBO" in capsys.readouterr().err
+    assert main(train_args(tmp_path / "pm", npz, "--preset", "poor-man")) == 0
+    err = capsys.readouterr().err
+    assert "train loss" in err and "(norm penalty)" in err and "train -ELBO" not in err
+
+
 def test_resume_continues_a_run(tmp_path, npz):
     run = tmp_path / "run"
     assert main(train_args(run, npz)) == 0
@@ -94,10 +128,11 @@ def test_resume_continues_a_run(tmp_path, npz):
 @pytest.mark.parametrize("args, words", [
     (["train", "--out", "{tmp}/r", "--data", "{tmp}/missing.npz"], ["missing.npz"]),
     (["train", "--out", "{tmp}/r", "--data", "{npz}", "--latent-dim", "0"], ["latent_dim"]),
-    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--batch-size", "100000"], ["batch", "smaller"]),
+    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--batch-size", "100000"], ["batch", "--batch-size 270 or less"]),
     (["train", "--out", "{tmp}/r", "--data", "{npz}", "--likelihood", "poisson"], ["bernoulli", "gaussian"]),
     (["train", "--out", "{tmp}/r", "--data", "{npz}", "--set", "model.latnt=2"], ["model.latnt"]),
     (["train", "--out", "{tmp}/r", "--data", "{npz}", "--hidden", "a,b"], ["--hidden"]),
+    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--hidden", ""], ["--hidden", "got ''"]),
     (["train", "--out", "{tmp}/r", "--data", "{npz}", "--preset", "nope"], ["preset"]),
     (["eval", "{tmp}/no-such-run"], ["does not exist"]),
     (["sample", "{tmp}/model.pt"], ["pickle"]),

@@ -86,7 +86,9 @@ def _parse_hidden(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
     except ValueError:
-        raise ConfigError(f"--hidden takes comma-separated layer sizes like 512,256; got '{text}'.") from None
+        sizes = []
+    if not sizes:
+        raise ConfigError(f"--hidden takes comma-separated layer sizes like 512,256; got '{text}'.")
     return sizes
 
 
@@ -221,12 +223,15 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
     metrics = runs.read_jsonl(run / "metrics.jsonl")
     ev = elbo_means(model, x, cfg.train.eval_batch_size, seed=cfg.train.seed, y=labels_for(ds, cfg.model))
     old = runs.read_json(run / "summary.json", default={})
+    best = min(metrics, key=selection_score)["epoch"] if metrics else None
+    if old.get("best_epoch") != best:  # other weights now: `vaekit eval`'s results were of the old ones
+        old = {key: value for key, value in old.items() if not key.endswith("_eval")}
     summary = {
         **old,
         "latent_dim": cfg.model.latent_dim,
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": len(metrics),
-        "best_epoch": min(metrics, key=selection_score)["epoch"] if metrics else None,
+        "best_epoch": best,
         "train_seconds": round(sum(m["seconds"] for m in metrics), 2),
         split: {"elbo": -ev["nelbo"], **ev, "n_images": len(x), "labelled": ds.y is not None,
                 "binarization": cfg.data.binarize,
@@ -347,7 +352,7 @@ def train(
             base = merge(base, {**preset(preset_name), "preset": preset_name})
         flags = {
             "model": {"latent_dim": latent_dim, "activation": activation, "likelihood": likelihood,
-                      "hidden": _parse_hidden(hidden) if hidden else None},
+                      "hidden": None if hidden is None else _parse_hidden(hidden)},
             "data": {"source": data, "binarize": binarize, "subset": subset, "stream": stream},
             "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta, "seed": seed,
                       "precision": precision, "checkpoint_every": checkpoint_every, "objective": objective,
@@ -399,14 +404,22 @@ def train(
                             f"now has only {len(splits.train)} training examples: the data has changed since "
                             "the run began. Put the run's data back, or train a new run on this data.")
         raise ConfigError(f"--batch-size {cfg.train.batch_size} is larger than the {len(splits.train)} training "
-                          "examples; use a smaller batch.")
+                          f"examples; give --batch-size {len(splits.train)} or less.")
     cfg = cfg.replace(model={"input_shape": list(splits.train.shape)})
     if conditional and not cfg.model.n_classes:
         if splits.train.y is None:
             raise DataError(f"--conditional needs labels, and {cfg.data.source} has none (an .npz needs a 'y' "
                             "array; an image folder, one subfolder per class).")
         named = splits.train.classes  # an image folder: every subfolder is a class, even one --subset leaves out
-        cfg = cfg.replace(model={"n_classes": max(2, len(named) if named else int(splits.train.y.max()) + 1)})
+        count = len(named) if named else int(splits.train.y.max()) + 1
+        if not named:
+            unseen = sorted(set(range(count)) - set(torch.unique(splits.train.y).tolist()))
+            if unseen:
+                raise DataError(f"{cfg.data.source}: labels run up to {count - 1}, so a conditional model would take "
+                                f"{count} classes, but {len(unseen)} of them never occur in the training split (e.g. "
+                                f"{', '.join(map(str, unseen[:5]))}) and would stay untrained. Number the labels "
+                                "0..C-1 (y = numpy.unique(y, return_inverse=True)[1]).")
+        cfg = cfg.replace(model={"n_classes": max(2, count)})
     for ds in (splits.train, splits.valid):
         labels_for(ds, cfg.model)  # a conditional model: labels present and in range, before anything is written
     if cfg.model.n_classes and splits.train.classes and not resume:
@@ -416,6 +429,13 @@ def train(
     if resume and not has_checkpoint:
         typer.echo(f"{out} has no checkpoint yet (it stopped before writing its first one); training it again "
                    "from the start with its config.json.", err=True)
+    done = [m["epoch"] for m in runs.read_jsonl(out / "metrics.jsonl") if "epoch" in m] if has_checkpoint else []
+    if resume and done and max(done) >= cfg.train.epochs:
+        typer.echo(f"{out} has finished its {cfg.train.epochs} epochs, so there is nothing to train; its figures "
+                   f"and report are redrawn. To train on, give --epochs with more than {cfg.train.epochs}.", err=True)
+    if cfg.train.objective == "iwae" and cfg.train.k == 1 and not resume:
+        typer.echo("note: the IWAE bound with k = 1 is the ELBO (its KL sampled); give --k (e.g. 5 or 50) for a "
+                   "tighter bound.", err=True)
     if resume and cfg != runs.load_config(out):
         runs.save_config(out, cfg)  # --epochs N: the new budget, now that the data has passed its checks
     created = None if resume else runs.create_run(out, cfg)
@@ -423,7 +443,10 @@ def train(
     try:
         fit(model, cfg, splits, out, resume=resume and has_checkpoint, progress=progress,
             on_epoch=lambda r: typer.echo(
-                f"epoch {r['epoch']:>3}  train -ELBO {r['train_nelbo']:.2f}  valid -ELBO {r['valid_nelbo']:.2f} "
+                f"epoch {r['epoch']:>3}  "
+                + (f"train loss {r['train_loss']:.2f} (norm penalty)" if cfg.train.objective == "norm-penalty"
+                   else f"train -ELBO {r['train_nelbo']:.2f}")
+                + f"  valid -ELBO {r['valid_nelbo']:.2f} "
                 f"(recon {r['valid_recon']:.2f}, KL {r['valid_kl']:.2f})"
                 + (f"  valid -L_{cfg.train.k} {r['valid_iwae_loss']:.2f}" if "valid_iwae_loss" in r else "")
                 + f"  {r['seconds']:.1f}s", err=True))
@@ -845,7 +868,7 @@ def compare(
     if named and there and not overwrite:
         raise ConfigError(f"--out {out} already holds {', '.join(there)}; name a new folder, or pass "
                           "--overwrite to replace them.")
-    rows, table, points = [], [], []
+    rows, table, points, others = [], [], [], []
     # Every run reconstructs the first run's images (with their labels, for a conditional model).
     first_cfg, ds0, split0 = _split(run_dirs[0], None, limit=n)
     x0 = eval_set(ds0, first_cfg.data)
@@ -863,15 +886,19 @@ def compare(
                             f"of {run_dirs[0]}, which every run reconstructs, have no labels. Put a run of "
                             "labelled data first.")
         y = labels_for(ds0, cfg.model)  # None unless this run is conditional
-        rows.append((f"{Path(run).name} (z={cfg.model.latent_dim})", generate.reconstruct(runs.load(run), x0, y),
-                     elbo_value))
+        other = cfg.data.source != first_cfg.data.source
+        others.extend([Path(run).name] if other else [])
+        rows.append((f"{Path(run).name} (z={cfg.model.latent_dim}{', other data' if other else ''})",
+                     generate.reconstruct(runs.load(run), x0, y), elbo_value))
         table.append((Path(run).name, os.path.relpath(Path(run) / "report.html", out),
                       {"latent_dim": cfg.model.latent_dim, **summary}))
         points.append((Path(run).name, cfg, split, summary.get(split, {})))
     splits = " or ".join(sorted({"test" if "test" in summary else "valid" for _, _, summary in table}))
     figs = {"compare.png": plots.compare(x0, rows)}
     captions = [(f"Reconstructions of the same {split0} images by each run, with its {splits} ELBO (nats per "
-                 "image; higher is better).", "compare.png")]
+                 "image; higher is better)." + (f" Marked 'other data' ({', '.join(others)}): trained on other data "
+                 "than the first run, so they reconstruct images unlike their own, and their ELBO is on their own "
+                 "data, not comparable." if others else ""), "compare.png")]
     shown, caption = _rate_distortion_points(points)
     if shown:
         figs["rate_distortion.png"] = plots.rate_distortion(shown)

@@ -196,8 +196,9 @@ def check_unit_range(ds: Dataset) -> None:
         pixels = (" If these are 8-bit pixel values, save them as uint8 (x.astype(numpy.uint8)): vaekit reads "
                   "uint8 as value/255." if lo >= 0 and hi <= 255 else "")
         raise DataError(f"{ds.name}: values range from {lo:g} to {hi:g}, but a Bernoulli likelihood "
-                        "needs data in [0, 1]. Rescale the data to [0, 1] or use "
-                        f"`--likelihood gaussian`.{pixels}")
+                        "needs data in [0, 1]. Rescale the data to [0, 1], or, for real-valued data, train a "
+                        "model with `vaekit train --likelihood gaussian` (on data of about unit scale: values "
+                        f"in the hundreds make it diverge).{pixels}")
 
 
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -701,7 +702,7 @@ def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0
         if n_valid < 1 or n_valid >= len(ds):
             raise DataError(f"{spec}: valid_fraction {valid_fraction} of {len(ds)} examples leaves "
                             f"{n_valid} for validation and {len(ds) - n_valid} for training; each "
-                            "needs at least one. Change valid_fraction or add data.")
+                            "needs at least one. Change it (--set data.valid_fraction=F) or add data.")
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(split_seed))
         train = replace(ds.take(perm[n_valid:]), name=f"{ds.name}-train")
         valid = replace(ds.take(perm[:n_valid]).in_memory(), name=f"{ds.name}-valid")
