@@ -97,6 +97,27 @@ def test_training_on_drops_eval_results_of_replaced_weights_and_says_when_nothin
     assert "valid_eval" not in summary and "log p(x)" not in (run / "report.html").read_text()
 
 
+def test_figures_of_data_beyond_0_1_span_its_range(tmp_path, capsys):
+    from vaekit import figures, runs
+
+    x = np.random.default_rng(0).uniform(-5, 5, (200, 6, 6)).astype(np.float32)
+    x[:, :3] = -5.0  # every image half at the data's minimum
+    data = tmp_path / "wide.npz"
+    np.savez(data, x=x)
+    run = tmp_path / "run"
+    assert main(train_args(run, data, "--likelihood", "gaussian")) == 0
+    about = json.loads((run / "summary.json").read_text())["valid"]
+    lo, hi = about["display_range"]
+    assert lo == -5.0 and 4.5 < hi <= 5.0
+    assert f"drawn from {lo:.3g} (black) to {hi:.3g} (white)" in (run / "report.html").read_text()
+    model = runs.load(run)
+    shown = figures.run_figures(model, torch.from_numpy(x[:20]).unsqueeze(1), None, [])["reconstructions.png"]
+    mosaic = np.asarray(shown.axes[0].get_images()[0].get_array())
+    top = mosaic[1:7, 1:7]  # the first original, drawn: its −5 half black, the rest grey, none clipped white
+    assert (top[:3] == 0).all() and 0 < top[3:].min() and top[3:].max() < 1
+    assert figures.display_range(torch.rand(5, 1, 2, 2)) is None  # [0, 1] data is drawn as it is
+
+
 def test_conditional_training_refuses_labels_that_skip_classes(tmp_path, npz, capsys):
     d = np.load(npz)
     sparse = tmp_path / "sparse.npz"

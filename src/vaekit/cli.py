@@ -234,6 +234,7 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
         "best_epoch": best,
         "train_seconds": round(sum(m["seconds"] for m in metrics), 2),
         split: {"elbo": -ev["nelbo"], **ev, "n_images": len(x), "labelled": ds.y is not None,
+                "display_range": figures.display_range(x),
                 "binarization": cfg.data.binarize,
                 "binarize_seed": cfg.data.binarize_seed, "estimator": "ELBO, 1 sample of z per image"},
     }
@@ -252,7 +253,8 @@ def write_report(run: Path) -> None:
     cfg = runs.load_config(run)
     split = "test" if "test" in summary else "valid"
     about = summary.get(split, {})
-    captions = figures.captions(cfg.model, split, about.get("n_images"), labelled=about.get("labelled", True))
+    captions = figures.captions(cfg.model, split, about.get("n_images"), labelled=about.get("labelled", True),
+                                value_range=about.get("display_range"))
     figs = [(captions[name], name) for name in figures.NAMES if (run / name).exists()]
     html = report.run_report(f"vaekit run: {run.name}", cfg.to_dict(), summary, figs,
                              runs.read_jsonl(run / "metrics.jsonl"))

@@ -22,6 +22,15 @@ N_KL = 1000  # images over which each latent dimension's KL is averaged, to choo
 MANIFOLD_EXTENT = 1.6449  # the manifold grid's outer z: the 95 % Gaussian quantile (plots.manifold_z's eps = 0.05)
 
 
+def display_range(x: torch.Tensor) -> tuple[float, float] | None:
+    """(lo, hi) to draw images of data x from black (lo) to white (hi) where x leaves [0, 1] (a Gaussian
+    decoder's data may), else None: images in [0, 1] are drawn as they are."""
+    lo, hi = float(x.min()), float(x.max())
+    if lo >= 0 and hi <= 1:
+        return None
+    return lo, hi if hi > lo else lo + 1
+
+
 def traversed_dims(latent_dim: int, kl: torch.Tensor | None) -> list[int]:
     """The dimensions the traversal varies: all, in order, if there are at most N_TRAVERSED; else the
     N_TRAVERSED with the largest KL, largest first (the first N_TRAVERSED if the KL is unknown)."""
@@ -37,9 +46,11 @@ def shown_classes(n_classes: int) -> list[int]:
     return [round(i * (n_classes - 1) / (N_CLASS_ROWS - 1)) for i in range(N_CLASS_ROWS)]
 
 
-def captions(model: ModelConfig, split: str, n_images: int | None = None, labelled: bool = True) -> dict[str, str]:
+def captions(model: ModelConfig, split: str, n_images: int | None = None, labelled: bool = True,
+             value_range: Sequence[float] | None = None) -> dict[str, str]:
     """What each figure of a run shows and how to read it, for a model of config ``model`` whose
-    figures were drawn from ``n_images`` images of ``split`` (``labelled``: the images came with labels)."""
+    figures were drawn from ``n_images`` images of ``split`` (``labelled``: the images came with labels;
+    ``value_range``: the images were drawn from its low (black) to its high (white), see display_range)."""
     d = model.latent_dim
     prior = "z2 ~ N(0, I), then z1 ~ p(z1|z2)" if model.arch == "mlp2" else "z ~ N(0, I)"
     probabilities = (" For a Bernoulli decoder the means are pixel probabilities, so they look grey where the "
@@ -65,9 +76,12 @@ def captions(model: ModelConfig, split: str, n_images: int | None = None, labell
     kl_note = (f" Beside each name is that dimension's KL(q ‖ p) in nats, averaged over {N_KL} {split} images: "
                "a dimension near 0 carries almost nothing about the image, so varying it changes little."
                if factorised else "")
+    scale = ("" if value_range is None else
+             f" The data leaves [0, 1], so every image of this report is drawn from {value_range[0]:.3g} (black) to "
+             f"{value_range[1]:.3g} (white), the range of the {split} images; decoded values beyond it are clipped.")
     return {
         "reconstructions.png": f"{split.capitalize()} images (top) and their reconstructions (bottom): the "
-                               f"decoder's mean at z = the mean of q(z|x).{probabilities}",
+                               f"decoder's mean at z = the mean of q(z|x).{probabilities}{scale}",
         "samples.png": f"The decoder's mean for 64 draws from the prior, {prior}: what the model generates, "
                        "without the noise of p(x|z)"
                        + (" (pixel probabilities, for a Bernoulli decoder)." if probabilities else "."),
@@ -105,7 +119,8 @@ def run_figures(
     class_names: Sequence[str] | None = None,
     train_is_elbo: bool = True,
 ) -> dict[str, Figure]:
-    """All figures of a run from evaluation images x (N, *shape) in [0, 1].
+    """All figures of a run from evaluation images x (N, *shape); where x leaves [0, 1], every image
+    is drawn from x's lowest value (black) to its highest (white) (display_range).
 
     A conditional model is given the labels wherever it encodes, and gets a figure of its own:
     one row of samples per class. class_names[c] names label c (an image folder's subfolders).
@@ -113,12 +128,17 @@ def run_figures(
     """
     g = torch.Generator().manual_seed(seed)
     y = labels if generate.n_classes(model) else None  # what the model is conditioned on
+    span = display_range(x)
+
+    def drawn(images: torch.Tensor) -> torch.Tensor:  # values as the plots draw them: [0, 1] black to white
+        return images if span is None else (images - span[0]) / (span[1] - span[0])
+
     show = x[:n_show]
     y_show = None if y is None else y[:n_show]
     y_latent = None if y is None else y[:n_latent]
     figs: dict[str, Figure] = {
-        "reconstructions.png": plots.reconstructions(show, generate.reconstruct(model, show, y_show)),
-        "samples.png": plots.samples(generate.sample(model, 64, seed=seed)),
+        "reconstructions.png": plots.reconstructions(drawn(show), drawn(generate.reconstruct(model, show, y_show))),
+        "samples.png": plots.samples(drawn(generate.sample(model, 64, seed=seed))),
         "latent.png": plots.latent_scatter(
             generate.encode_mean(model, x[:n_latent], y=y_latent), None if labels is None else labels[:n_latent],
             class_names=class_names, box=MANIFOLD_EXTENT if model.latent_dim == 2 else None,
@@ -126,28 +146,28 @@ def run_figures(
     }
     if y is not None:
         rows = shown_classes(generate.n_classes(model))
-        figs["classes.png"] = plots.by_class(generate.by_class(model, 10, seed=seed, classes=rows),
+        figs["classes.png"] = plots.by_class(drawn(generate.by_class(model, 10, seed=seed, classes=rows)),
                                              class_names=[class_names[c] if class_names else str(c) for c in rows])
     if model.latent_dim == 2:
         if y is None:
-            figs["manifold.png"] = plots.manifold(generate.manifold(model, N_MANIFOLD), N_MANIFOLD)
+            figs["manifold.png"] = plots.manifold(drawn(generate.manifold(model, N_MANIFOLD)), N_MANIFOLD)
         else:
             name = class_names[0] if class_names else "0"
-            figs["manifold.png"] = plots.manifold(generate.manifold(model, N_MANIFOLD, label=0), N_MANIFOLD,
+            figs["manifold.png"] = plots.manifold(drawn(generate.manifold(model, N_MANIFOLD, label=0)), N_MANIFOLD,
                                                   title=f"Learned 2-D manifold of class {name} (the label fixed, z varied)")
     n_pairs = min(5, len(x) // 2)  # up to 5 random pairs of images (a small data set has fewer)
     if n_pairs:
         pairs = torch.randperm(len(x), generator=g)[: 2 * n_pairs].view(n_pairs, 2)
-        figs["interpolations.png"] = plots.interpolations(generate.interpolate(
+        figs["interpolations.png"] = plots.interpolations(drawn(generate.interpolate(
             model, x[pairs[:, 0]], x[pairs[:, 1]], steps=10,
-            y_a=None if y is None else y[pairs[:, 0]], y_b=None if y is None else y[pairs[:, 1]]),
-            originals=x[pairs])
+            y_a=None if y is None else y[pairs[:, 0]], y_b=None if y is None else y[pairs[:, 1]])),
+            originals=drawn(x[pairs]))
     kl = generate.kl_by_dimension(model, x[:N_KL], y=None if y is None else y[:N_KL])
     dims = traversed_dims(model.latent_dim, kl)
     values = torch.linspace(*TRAVERSAL_VALUES)
     y0 = None if y is None else y[:1]
     figs["traversal.png"] = plots.latent_traversal(
-        generate.traversal(model, x[0], dims, values, None if y is None else y[0]), dims, values,
+        drawn(generate.traversal(model, x[0], dims, values, None if y is None else y[0])), dims, values,
         own=generate.encode_mean(model, x[:1], y=y0)[0, dims], kl=None if kl is None else kl[dims])
     if metrics:
         from vaekit.train import selection_score
