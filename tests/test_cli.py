@@ -629,6 +629,7 @@ def test_compare_plots_rate_and_distortion_only_for_runs_measured_alike(tmp_path
                       ("wide (z=3)", ev[wide]["kl"], ev[wide]["recon"])]]
     page = (cmp / "report.html").read_text()
     assert "are not measured like the first run" in page and "conditional model): gauss." in page
+    assert "other data" not in page
 
     # no run with a finite ELBO on record: no figure, and an older one in the folder goes
     for run in (bern, wide):
@@ -638,6 +639,13 @@ def test_compare_plots_rate_and_distortion_only_for_runs_measured_alike(tmp_path
     assert main(["compare", str(bern), str(wide), "--out", str(cmp), "--overwrite"]) == 0
     page = (cmp / "report.html").read_text()
     assert len(drawn) == 1 and not (cmp / "rate_distortion.png").exists() and "rate_distortion" not in page
+
+    # a run trained on other data reconstructs the first run's images all the same, marked so
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(npz.read_bytes())
+    assert main(train_args(tmp_path / "elsewhere", copy)) == 0
+    assert main(["compare", str(bern), str(tmp_path / "elsewhere"), "--out", str(tmp_path / "cmp3")]) == 0
+    assert "Marked &#x27;other data&#x27; (elsewhere)" in (tmp_path / "cmp3" / "report.html").read_text()
 
 
 def test_compare_gives_each_run_the_first_runs_images_with_their_labels(tmp_path, npz, capsys, monkeypatch):
