@@ -118,14 +118,37 @@ def test_figures_of_data_beyond_0_1_span_its_range(tmp_path, capsys):
     assert figures.display_range(torch.rand(5, 1, 2, 2)) is None  # [0, 1] data is drawn as it is
 
 
+def test_a_run_whose_best_weights_give_a_non_finite_elbo_fails(tmp_path, npz, capsys, monkeypatch):
+    from vaekit import train
+
+    real = train.elbo_means
+    monkeypatch.setattr(train, "elbo_means", lambda *a, **kw: {**real(*a, **kw), "nelbo": float("inf")})
+    assert main(train_args(tmp_path / "r", npz)) == 2
+    err = capsys.readouterr().err
+    assert "training diverged: the valid ELBO of its best weights is -inf" in err and "scale them first" in err
+
+
 def test_conditional_training_refuses_labels_that_skip_classes(tmp_path, npz, capsys):
     d = np.load(npz)
     sparse = tmp_path / "sparse.npz"
     np.savez(sparse, x=d["x"], y=np.where(d["y"] == 2, 1000, d["y"]))
     assert main(train_args(tmp_path / "c", sparse, "--conditional")) == 2
     err = capsys.readouterr().err
-    assert "labels run up to 1000" in err and "998 of them never occur" in err and "numpy.unique" in err
+    assert "labels run up to 1000" in err and "998 of those labels never occur" in err and "numpy.unique" in err
     assert not (tmp_path / "c").exists()
+    # dense labels with one class only outside the training split: trained, with a note
+    y = d["y"].copy()
+    y[:] = np.where(y == 2, 1, y)
+    y[0] = 2  # the only 2; the 10 % validation split (seed 0) may or may not take it
+    only = tmp_path / "only.npz"
+    np.savez(only, x=d["x"], y=y)
+    assert main(train_args(tmp_path / "d", only, "--conditional")) == 0
+    from vaekit.data import load_splits
+
+    from vaekit import runs
+
+    train_has_2 = 2 in set(load_splits(runs.load_config(tmp_path / "d").data).train.y.tolist())
+    assert ("no training example has label 2" in capsys.readouterr().err) == (not train_has_2)
 
 
 def test_the_log_names_what_was_trained_on(tmp_path, npz, capsys):
@@ -612,7 +635,7 @@ def test_a_tiny_data_set_trains_and_gets_its_report(tmp_path, n):
     assert (run / "interpolations.png").exists() == (n == 20)
 
 
-def test_compare_plots_rate_and_distortion_only_for_runs_measured_alike(tmp_path, npz, monkeypatch):
+def test_compare_plots_rate_and_distortion_only_for_runs_measured_alike(tmp_path, npz, monkeypatch, capsys):
     from vaekit import plots
 
     bern, wide, gauss = tmp_path / "bern", tmp_path / "wide", tmp_path / "gauss"
@@ -623,12 +646,14 @@ def test_compare_plots_rate_and_distortion_only_for_runs_measured_alike(tmp_path
     real = plots.rate_distortion
     monkeypatch.setattr(plots, "rate_distortion", lambda points: drawn.append(points) or real(points))
     cmp = tmp_path / "cmp"
+    capsys.readouterr()
     assert main(["compare", str(bern), str(gauss), str(wide), "--out", str(cmp)]) == 0
+    assert capsys.readouterr().out.strip() == str(cmp / "report.html")  # where to look
     ev = {run: json.loads((run / "summary.json").read_text())["valid"] for run in (bern, wide)}
     assert drawn == [[("bern (z=2)", ev[bern]["kl"], ev[bern]["recon"]),
                       ("wide (z=3)", ev[wide]["kl"], ev[wide]["recon"])]]
     page = (cmp / "report.html").read_text()
-    assert "are not measured like the first run" in page and "conditional model): gauss." in page
+    assert "are not measured like those of the first run evaluated" in page and "conditional model): gauss." in page
     assert "other data" not in page
 
     # no run with a finite ELBO on record: no figure, and an older one in the folder goes

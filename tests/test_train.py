@@ -79,7 +79,7 @@ def test_with_a_gradient_clip_a_non_finite_gradient_skips_the_step(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no step was taken
 
 
-def test_an_epoch_with_no_finite_step_or_a_non_finite_validation_elbo_stops_training(tmp_path, monkeypatch):
+def test_an_epoch_with_no_finite_step_stops_training(tmp_path):
     cfg = toy_config(epochs=2, grad_clip=1.0)
     model = build(cfg.model)
     next(model.parameters()).register_hook(lambda g: g * float("nan"))
@@ -87,21 +87,6 @@ def test_an_epoch_with_no_finite_step_or_a_non_finite_validation_elbo_stops_trai
     with pytest.raises(RunError, match="diverged in epoch 1: none of its 7 steps had a finite loss or gradient"):
         fit(model, cfg, toy_splits(), tmp_path, progress=False)
     assert not (tmp_path / "metrics.jsonl").exists()  # nothing recorded as if it had trained
-
-    real = train.elbo_means
-    calls = []
-
-    def overflowing(model, x, *args, **kw):  # epoch 2's validation −ELBO overflows
-        calls.append(1)
-        out = real(model, x, *args, **kw)
-        return {**out, "nelbo": float("inf")} if len(calls) == 2 else out
-
-    monkeypatch.setattr(train, "elbo_means", overflowing)
-    with pytest.raises(RunError, match="diverged in epoch 2: the validation −ELBO is inf. The checkpoint of "
-                                       "the last finished epoch is intact"):
-        fit(build(cfg.model), cfg, toy_splits(), tmp_path / "second", progress=False)
-    lines = (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1]  # epoch 2 was not committed
 
 
 def test_a_gradient_clip_bounds_the_gradient_norm_of_each_step(monkeypatch):

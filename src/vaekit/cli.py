@@ -413,14 +413,21 @@ def train(
             raise DataError(f"--conditional needs labels, and {cfg.data.source} has none (an .npz needs a 'y' "
                             "array; an image folder, one subfolder per class).")
         named = splits.train.classes  # an image folder: every subfolder is a class, even one --subset leaves out
-        count = len(named) if named else int(splits.train.y.max()) + 1
+        labelled = [ds.y for ds in (splits.train, splits.valid, splits.test) if ds is not None and ds.y is not None]
+        count = len(named) if named else max(int(y.max()) for y in labelled) + 1
         if not named:
-            unseen = sorted(set(range(count)) - set(torch.unique(splits.train.y).tolist()))
+            seen = set(torch.cat([torch.unique(y) for y in labelled]).tolist())
+            unseen = sorted(set(range(count)) - seen)
             if unseen:
                 raise DataError(f"{cfg.data.source}: labels run up to {count - 1}, so a conditional model would take "
-                                f"{count} classes, but {len(unseen)} of them never occur in the training split (e.g. "
+                                f"{count} classes, but {len(unseen)} of those labels never occur{'s' if len(unseen) == 1 else ''} (e.g. "
                                 f"{', '.join(map(str, unseen[:5]))}) and would stay untrained. Number the labels "
                                 "0..C-1 (y = numpy.unique(y, return_inverse=True)[1]).")
+        untrained = sorted(set(range(count)) - set(torch.unique(splits.train.y).tolist()))
+        if untrained:
+            typer.echo(f"note: no training example has label {', '.join(map(str, untrained[:5]))}"
+                       f"{' …' if len(untrained) > 5 else ''} (the split or --subset left it out); the model "
+                       "learns nothing for it.", err=True)
         cfg = cfg.replace(model={"n_classes": max(2, count)})
     for ds in (splits.train, splits.valid):
         labels_for(ds, cfg.model)  # a conditional model: labels present and in range, before anything is written
@@ -433,11 +440,17 @@ def train(
                    "from the start with its config.json.", err=True)
     done = [m["epoch"] for m in runs.read_jsonl(out / "metrics.jsonl") if "epoch" in m] if has_checkpoint else []
     if resume and done and max(done) >= cfg.train.epochs:
-        typer.echo(f"{out} has finished its {cfg.train.epochs} epochs, so there is nothing to train; its figures "
-                   f"and report are redrawn. To train on, give --epochs with more than {cfg.train.epochs}.", err=True)
-    if cfg.train.objective == "iwae" and cfg.train.k == 1 and not resume:
+        more = (f"give --epochs with more than {max(done)}" if cfg.train.lr_schedule == "constant" else
+                f"train a new run with more epochs (its {cfg.train.lr_schedule} learning-rate schedule is laid "
+                "over the epochs it was given)")
+        typer.echo(f"{out} has finished its {max(done)} epochs, so there is nothing to train; its figures and "
+                   f"report are redrawn. To train longer, {more}.", err=True)
+    if not resume and cfg.train.objective == "iwae" and cfg.train.k == 1 and not cfg.train.dreg:
         typer.echo("note: the IWAE bound with k = 1 is the ELBO (its KL sampled); give --k (e.g. 5 or 50) for a "
                    "tighter bound.", err=True)
+    if not resume and cfg.train.grad_samples >= cfg.train.k > 1:
+        typer.echo(f"note: --grad-samples {cfg.train.grad_samples} is not fewer than k = {cfg.train.k}, so every "
+                   "sample is backpropagated, as with 0.", err=True)
     if resume and cfg != runs.load_config(out):
         runs.save_config(out, cfg)  # --epochs N: the new budget, now that the data has passed its checks
     created = None if resume else runs.create_run(out, cfg)
@@ -458,6 +471,11 @@ def train(
         raise
     summary = finish_run(out, progress=progress)
     split = "test" if "test" in summary else "valid"
+    if not math.isfinite(summary[split]["elbo"]):
+        from vaekit.train import diverged
+
+        raise RunError(diverged(f"the {split} ELBO of its best weights is {summary[split]['elbo']} (the run's "
+                                f"files and report are in {out})"))
     typer.echo(f"done in {time.perf_counter() - t0:.1f}s: {split} ELBO {summary[split]['elbo']:.2f} nats; "
                f"report: {out / 'report.html'}")
 
@@ -911,6 +929,7 @@ def compare(
         if not shown and os.path.lexists(out / "rate_distortion.png"):
             os.remove(out / "rate_distortion.png")  # another comparison's figure, not this one's
         runs.write_text(out / "report.html", html)
+    typer.echo(str(out / "report.html"))
 
 
 def _rate_distortion_points(points: list[tuple[str, RunConfig, str, dict]]) -> tuple[list, str]:
@@ -923,8 +942,8 @@ def _rate_distortion_points(points: list[tuple[str, RunConfig, str, dict]]) -> t
     """
     def kind(cfg: RunConfig, split: str) -> tuple:
         m, d = cfg.model, cfg.data
-        return (d.source, d.binarize, split, m.likelihood, "learned" if m.learn_sigma else m.sigma,
-                bool(m.n_classes))
+        return (d.source, d.binarize, split, d.valid_fraction, d.split_seed, d.mnist_valid, m.likelihood,
+                "learned" if m.learn_sigma else m.sigma, bool(m.n_classes))
 
     shown, unevaluated, unlike, reference = [], [], [], None
     for name, cfg, split, about in points:
@@ -940,15 +959,14 @@ def _rate_distortion_points(points: list[tuple[str, RunConfig, str, dict]]) -> t
     caption = (f"What each run's {split} −ELBO is made of: the nats its code carries (rate, the KL) and the "
                "nats its reconstructions miss (distortion). Each dashed line joins the points of one −ELBO; a "
                "larger z, or a smaller β, usually buys a lower distortion for a higher rate.")
-    if reference is not None and reference[3] == "gaussian":
+    if reference is not None and reference[6] == "gaussian":
         caption += " Under a Gaussian decoder the distortion is a negative log density, and can be below 0."
     if unlike:
-        caption += (f" Left out, as their nats are not measured like the first run's (another likelihood, "
-                    f"data or binarization, or a conditional model): {', '.join(unlike)}.")
+        caption += (f" Left out, as their nats are not measured like those of the first run evaluated (another "
+                    f"likelihood, data, split or binarization, or a conditional model): {', '.join(unlike)}.")
     if unevaluated:
         caption += f" Left out, with no finite ELBO on record (not evaluated yet): {', '.join(unevaluated)}."
     return shown, caption
-    typer.echo(str(out / "report.html"))
 
 
 # ----------------------------------------------------------------------------- data

@@ -185,9 +185,6 @@ class TrainConfig:
         if self.grad_samples and not self.dreg:
             raise ConfigError("grad_samples thins the backward pass of the DReG estimator; set dreg as well "
                               "(--dreg), or drop grad_samples.")
-        if self.grad_samples and self.grad_samples >= self.k:
-            raise ConfigError(f"grad_samples ({self.grad_samples}) must be fewer than k ({self.k}): it backpropagates "
-                              "through that many of the k samples. Use 0 for all of them.")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema is the decay of a moving average of the weights and must be in [0, 1) "
                               f"(0: off; 0.999 averages over about 1000 steps), got {self.ema}.")

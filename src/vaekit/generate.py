@@ -156,7 +156,7 @@ def by_class(model, per_class: int = 10, seed: int = 0, classes: Sequence[int] |
         raise ConfigError("by_class needs a conditional model (n_classes > 0).")
     rows = torch.arange(count) if classes is None else torch.as_tensor(list(classes), dtype=torch.long)
     if rows.dim() != 1 or not len(rows) or not ((rows >= 0) & (rows < count)).all():
-        raise ConfigError(f"classes must list labels between 0 and {count - 1}; got {list(classes or [])}.")
+        raise ConfigError(f"classes must list labels between 0 and {count - 1}; got {rows.tolist()}.")
     z = _prior_draw(model, per_class, seed).expand(len(rows), -1, -1)  # (rows, per_class, D)
     return decode_mean(model, z, rows[:, None].expand(-1, per_class))
 

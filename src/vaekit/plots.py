@@ -280,8 +280,9 @@ def latent_traversal(images, dims: Sequence[int], values, own=None, kl=None,
     Rows are labelled z_1, z_2, …: dimension d (0-based) is z_{d+1}, as the scatter and the manifold
     name them.
 
-    own (len(dims),), if given: the image's own value of each dimension, marked by a red triangle
-    above its row where it falls between the columns (at the nearer end, pointing out, beyond them).
+    own (len(dims),), if given: the image's own value of each dimension, marked by a red triangle at
+    the top of its row where that value falls between the columns' values (beyond them: on the end
+    column, pointing outwards).
     kl (len(dims),), if given: each dimension's mean KL in nats, shown beside its name."""
     a = _as_images(images, lead=2)
     vals = [float(v) for v in values]

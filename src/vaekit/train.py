@@ -460,14 +460,13 @@ def valid_loss(model, x: torch.Tensor, tc: TrainConfig, seed: int = 0, y: torch.
     return total / len(x)
 
 
-def diverged(what: str, epoch: int, run: Path | None) -> str:
-    """The message for a run that has stopped learning: what went wrong, what is kept, what to try."""
-    kept = ("The checkpoint of the last finished epoch is intact" if epoch > 1 else
-            "No epoch finished, so no weights were kept") if run is not None else "Nothing was saved"
-    return (f"training diverged in epoch {epoch}: {what}. {kept}. Lower --lr or set a gradient clip "
-            "(--set train.grad_clip=1.0) and train again. If the data's values are large (far outside "
-            "[0, 1]), scale them first, e.g. 8-bit pixels to [0, 1]: a Gaussian decoder's log-likelihood "
-            "and the encoder's variances overflow on values in the hundreds.")
+def diverged(what: str, epoch: int | None = None) -> str:
+    """The message for a run that has stopped learning: what went wrong and what to try."""
+    when = "" if epoch is None else f" in epoch {epoch}"
+    return (f"training diverged{when}: {what}. Train a new run (another --out) with a lower --lr or a gradient clip (--set "
+            "train.grad_clip=1.0). If the data's values are large (far outside [0, 1]), scale them first, "
+            "e.g. 8-bit pixels to [0, 1]: a Gaussian decoder's log-likelihood and the encoder's variances "
+            "overflow on values in the hundreds.")
 
 
 def lr_schedule(tc: TrainConfig, total_steps: int) -> Callable[[int], float] | None:
@@ -629,7 +628,7 @@ def fit(
                     if state["skipped_in_a_row"] >= MAX_CONSECUTIVE_SKIPS:
                         bar.close()
                         raise RunError(diverged(f"{state['skipped_in_a_row']} steps in a row had a non-finite loss "
-                                                "or gradient", epoch, run))
+                                                "or gradient", epoch))
                 if every is not None and (state["step"] + i + 1) % every == 0 and i + 1 < steps:
                     # Mid-epoch checkpoint: the epoch's order, step index and running sums join the
                     # usual state, so a resume replays the rest of this epoch exactly.
@@ -645,10 +644,8 @@ def fit(
             bar.close()
             r, k, loss_sum, m = sums.tolist()
             if not m:  # a short epoch can skip every step without reaching MAX_CONSECUTIVE_SKIPS
-                raise RunError(diverged(f"none of its {steps} steps had a finite loss or gradient", epoch, run))
+                raise RunError(diverged(f"none of its {steps} steps had a finite loss or gradient", epoch))
             valid = elbo_means(judged, x_valid, tc.eval_batch_size, seed=tc.seed, y=y_valid)
-            if not math.isfinite(valid["nelbo"]):
-                raise RunError(diverged(f"the validation −ELBO is {valid['nelbo']}", epoch, run))
             v_loss = valid_loss(judged, x_valid, tc, seed=tc.seed, y=y_valid)
             if v_loss is not None:
                 valid["iwae_loss"] = v_loss
