@@ -62,7 +62,8 @@ def test_train_writes_every_file_and_other_commands_work(tmp_path, npz, capsys):
         assert key in is_result
     assert is_result["k"] == 100 and len(is_result["kl_per_dim"]) == 2
     assert is_result["nll"] < is_result["nelbo"]  # L_100 is tighter than the ELBO
-    assert json.loads((run / "summary.json").read_text())["valid_eval"] == is_result
+    # the k = 5000 result above stays on record: k = 100 over the same images is a quicker look
+    assert json.loads((run / "summary.json").read_text())["valid_eval"] == result
     assert main(["eval", str(run), "--split", "valid", "--k", "100", "--json", "--no-progress"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["nll"] == is_result["nll"]  # same seed, same protocol: exactly the same number
@@ -157,6 +158,20 @@ def test_the_log_names_what_was_trained_on(tmp_path, npz, capsys):
     assert main(train_args(tmp_path / "pm", npz, "--preset", "poor-man")) == 0
     err = capsys.readouterr().err
     assert "train loss" in err and "(norm penalty)" in err and "train -ELBO" not in err
+
+
+def test_a_quick_eval_does_not_replace_a_more_thorough_one(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    assert main(["eval", str(run), "--split", "valid", "--k", "20", "--no-progress", "--json"]) == 0
+    thorough = json.loads((run / "summary.json").read_text())["valid_eval"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "valid", "--k", "1", "--limit", "5", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "not recorded" in err and "k = 20 over 30 images" in err and "one-sample ELBO" in out
+    assert json.loads((run / "summary.json").read_text())["valid_eval"] == thorough
+    assert main(["eval", str(run), "--split", "valid", "--k", "40", "--no-progress"]) == 0  # more samples: kept
+    assert json.loads((run / "summary.json").read_text())["valid_eval"]["k"] == 40
 
 
 def test_resume_continues_a_run(tmp_path, npz):

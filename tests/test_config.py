@@ -29,6 +29,8 @@ def test_json_round_trip_is_exact():
     ({"train": {"epochs": 10, "k": 50, "k_start_batch_size": 20}}, ["k_start_batch_size (20)", "set k_start"]),
     ({"train": {"epochs": 10, "k": 50, "k_start": 5, "k_start_epochs": 5, "k_start_batch_size": -1}},
      ["k_start_batch_size", "non-negative", "got -1"]),
+    ({"train": {"objective": "norm-penalty", "warmup_steps": 10}}, ["warm-up and free bits", "norm-penalty"]),
+    ({"train": {"objective": "norm-penalty", "free_bits": 1.0}}, ["warm-up and free bits", "--beta"]),
     ({"train": {"ema": 1.0}}, ["ema", "[0, 1)", "got 1.0"]),
     ({"train": {"ema": -0.5}}, ["ema", "[0, 1)"]),
     ({"data": {"mnist_valid": 0}}, ["mnist_valid", "between 1 and 59999"]),

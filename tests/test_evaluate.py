@@ -439,6 +439,18 @@ def test_active_units_counts_the_dims_that_depend_on_x():
     assert ev.active_units(model, x, threshold=float(var[[0, 2, 3, 5]].min()))[0] == 3
 
 
+def test_a_two_layer_models_active_units_are_counted_per_layer_too():
+    cfg = ModelConfig(arch="mlp2", latent_dim=3, latent1_dim=5, hidden=(16,), hidden2=(8,), activation="tanh",
+                      input_shape=(1, 6, 6))
+    model, x = build(cfg, seed=0), binary_images(30)
+    out = ev.evaluate(model, x, k=2, progress=False)
+    _, var = ev.active_units(model, x)
+    assert var.shape == (8,)  # [z1, z2]
+    assert out["active_units_z1"] == int((var[:5] > 0.01).sum()) and out["active_units_z2"] == int((var[5:] > 0.01).sum())
+    assert out["active_units_z1"] + out["active_units_z2"] == out["active_units"]
+    assert "active_units_z1" not in ev.evaluate(small_vae(), x, k=2, progress=False)
+
+
 def test_bits_per_dim():
     assert ev.bits_per_dim(784 * math.log(2), 784) == pytest.approx(1.0)
     assert ev.bits_per_dim(88.0, 784) == pytest.approx(88.0 / 784 / math.log(2))

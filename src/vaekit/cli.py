@@ -288,7 +288,8 @@ def train(
                                             "yes; an Intel Xeon without AMX: no; docs/results.md)."),
     objective: Optional[str] = typer.Option(None, "--objective", help="elbo, iwae (with --k) or norm-penalty "
                                             "(the poor man's VAE)."),
-    k: Optional[int] = typer.Option(None, "--k", help="Importance samples per image for --objective iwae."),
+    k: Optional[int] = typer.Option(None, "--k", help="Samples of z per image: the bound's k for --objective "
+                                    "iwae; for elbo, the reconstruction term is averaged over k samples."),
     dreg: bool = typer.Option(False, "--dreg", help="With --objective iwae: the doubly reparameterized encoder "
                               "gradient (Tucker et al. 2019); same objective, less noisy gradient."),
     grad_samples: Optional[int] = typer.Option(None, "--grad-samples", help="With --dreg: backpropagate through "
@@ -699,7 +700,8 @@ def encode(
     The file holds `z` (N, latent size) and, when the data has labels, `y` (N,), in the data's order,
     plus `classes`, label i's name, when the data names them (an image folder); load it with
     numpy.load. Images are binarized as the run's evaluation binarizes them (a streamed split,
-    chunk by chunk). For a model with two stochastic layers `z` is [z1, z2] at z1's mean.
+    chunk by chunk). For a model with two stochastic layers each row of `z` is [z1, z2]: the mean of
+    q(z1|x), then the mean of q(z2|z1) at that z1 (latent1_dim + latent_dim columns).
     """
     import numpy as np
 
@@ -834,6 +836,9 @@ def eval_(
         notes.append("the images are grey, not 0/1: a Bernoulli decoder's 'log p(x)' of grey values is a "
                      "cross-entropy, not a log-likelihood of the images, and does not compare with results on "
                      "binarized images (train with --binarize dynamic for those)")
+    if k == 1:
+        notes.append("with k = 1 the estimate is a one-sample ELBO (its KL sampled), no tighter than the ELBO; "
+                     "use k of 100 or more for log p(x)")
     if notes:
         result["note"] = "; ".join(notes)
     if scores is not None:
@@ -842,15 +847,23 @@ def eval_(
     if data is None:
         summary_path = Path(run) / "summary.json"
         summary = runs.read_json(summary_path, default={})
-        runs.write_json(summary_path, {**summary, f"{split}_eval": result})
-        write_report(Path(run))
+        kept = summary.get(f"{split}_eval")
+        fuller = kept is not None and kept.get("k", 0) >= k and kept.get("n_images", 0) >= result["n_images"] \
+            and (kept.get("k"), kept.get("n_images")) != (k, result["n_images"])
+        if fuller:  # a quick look does not replace a more thorough result of the same weights
+            typer.echo(f"not recorded: {summary_path} keeps the {split} result with k = {kept['k']} over "
+                       f"{kept['n_images']} images, more than this one's.", err=True)
+        else:
+            runs.write_json(summary_path, {**summary, f"{split}_eval": result})
+            write_report(Path(run))
     if as_json:
         typer.echo(json.dumps(result))
         return
     typer.echo(f"{data if data is not None else split + ' set'}, {result['n_images']} images, binarization "
                f"{cfg.data.binarize} (seed {cfg.data.binarize_seed}); {result.get('estimator', '')}, k = {k}, "
                f"{precision}")
-    for key in ("nll", "nll_stderr", "nelbo", "recon", "kl", "bits_per_dim", "active_units"):
+    for key in ("nll", "nll_stderr", "nelbo", "recon", "kl", "bits_per_dim", "active_units", "active_units_z1",
+                "active_units_z2"):
         if key in result:
             value = result[key]
             typer.echo(f"  {key:>13}  {value:.3f}" if isinstance(value, float) else f"  {key:>13}  {value}")

@@ -173,6 +173,9 @@ class TrainConfig:
                               f"or the run never trains with k = {self.k}.")
         if self.warmup_steps < 0 or self.free_bits < 0:
             raise ConfigError("warmup_steps and free_bits must be non-negative.")
+        if self.objective == "norm-penalty" and (self.warmup_steps > 0 or self.free_bits > 0):
+            raise ConfigError("KL warm-up and free bits act on the ELBO's KL term; the norm-penalty objective has "
+                              "none (its weight on ‖z‖ is --beta). Drop --warmup/--free-bits or use --objective elbo.")
         if self.objective == "iwae" and (self.free_bits > 0 or self.beta != 1.0):
             raise ConfigError("free bits and β apply to the ELBO's KL term; the IWAE objective has none. "
                               "Drop --free-bits/--beta or use --objective elbo.")

@@ -446,9 +446,12 @@ def evaluate(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None, k
     out = estimate_nll(model, x_all, k, y_all=y_all, batch_size=batch_size, precision=precision,
                        progress=progress, seed=seed, per_image=per_image)
     out.update(elbo_terms(model, x_all, y_all=y_all, seed=seed))
-    count, _ = active_units(model, x_all, y_all=y_all)
+    count, var = active_units(model, x_all, y_all=y_all)
     cfg = getattr(model, "cfg", None)
     if (cfg is None or cfg.likelihood == "bernoulli") and is_binary(_as_float(x_all)):
         out["bits_per_dim"] = bits_per_dim(out["nll"], n_dims)
     out["active_units"] = count
+    if cfg is not None and cfg.arch == "mlp2":  # the code is [z1, z2]; Burda et al. count each layer
+        out["active_units_z1"] = int((var[: cfg.latent1_dim] > 0.01).sum())
+        out["active_units_z2"] = int((var[cfg.latent1_dim :] > 0.01).sum())
     return out
