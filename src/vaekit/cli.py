@@ -420,8 +420,9 @@ def train(
             seen = set(torch.cat([torch.unique(y) for y in labelled]).tolist())
             unseen = sorted(set(range(count)) - seen)
             if unseen:
+                occur = "never occurs" if len(unseen) == 1 else "never occur"
                 raise DataError(f"{cfg.data.source}: labels run up to {count - 1}, so a conditional model would take "
-                                f"{count} classes, but {len(unseen)} of those labels never occur{'s' if len(unseen) == 1 else ''} (e.g. "
+                                f"{count} classes, but {len(unseen)} of those labels {occur} (e.g. "
                                 f"{', '.join(map(str, unseen[:5]))}) and would stay untrained. Number the labels "
                                 "0..C-1 (y = numpy.unique(y, return_inverse=True)[1]).")
         untrained = sorted(set(range(count)) - set(torch.unique(splits.train.y).tolist()))

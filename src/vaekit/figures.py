@@ -19,7 +19,7 @@ N_MANIFOLD = 20  # the manifold grid is N_MANIFOLD × N_MANIFOLD
 N_CLASS_ROWS = 20  # rows of the conditional samples: beyond this many classes, evenly spaced ones
 TRAVERSAL_VALUES = (-3.0, 3.0, 9)  # linspace(-3, 3, 9)
 N_KL = 1000  # images over which each latent dimension's KL is averaged, to choose the traversed ones
-MANIFOLD_EXTENT = 1.6449  # the manifold grid's outer z: the 95 % Gaussian quantile (plots.manifold_z's eps = 0.05)
+MANIFOLD_EXTENT = float(plots.manifold_z(2).max())  # the manifold grid's outer z: 1.64, the 95 % Gaussian quantile
 
 
 def display_range(x: torch.Tensor) -> tuple[float, float] | None:
