@@ -718,3 +718,12 @@ def test_compare_gives_each_run_the_first_runs_images_with_their_labels(tmp_path
     assert main(["compare", str(tmp_path / "nolabels"), str(cond), "--out", str(tmp_path / "cmp2")]) == 2
     assert "have no labels. Put a run of labelled data first" in capsys.readouterr().err
     assert not (tmp_path / "cmp2").exists()
+
+
+def test_the_console_shows_a_user_warning_as_one_plain_line():
+    from vaekit.cli import _plain_warning
+
+    assert _plain_warning("--compile failed; training without it.", UserWarning, "train.py", 569,
+                          "warnings.warn(...)") == "warning: --compile failed; training without it.\n"
+    other = _plain_warning("old", DeprecationWarning, "x.py", 3, "")
+    assert "DeprecationWarning" in other and "x.py:3" in other

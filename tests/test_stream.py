@@ -201,6 +201,21 @@ def test_cli_trains_on_a_streamed_file_and_refuses_a_bad_one_leaving_nothing(tmp
     assert not bad_run.exists()
 
 
+def test_encode_reads_a_streamed_split_in_parts_with_the_pixels_of_the_whole(tmp_path, npy, monkeypatch):
+    from vaekit import cli, generate
+
+    run = tmp_path / "run"
+    assert main(["train", "--latent-dim", "2", "--hidden", "16", "--epochs", "1", "--batch-size", "30",
+                 "--no-progress", "--binarize", "dynamic", "--stream", "yes", "--data", str(npy),
+                 "--out", str(run)]) == 0
+    monkeypatch.setattr(cli, "ENCODE_PART", 100)  # 270 training images: three parts
+    assert main(["encode", str(run), "--split", "train"]) == 0
+    cfg = runs.load_config(run)
+    whole = load_data(str(npy), stream="no").train
+    expected = generate.encode_mean(runs.load(run), train.eval_set(whole, cfg.data))
+    torch.testing.assert_close(torch.from_numpy(np.load(run / "codes_train.npz")["z"]), expected)
+
+
 def test_the_mean_image_of_a_streamed_set_is_the_in_memory_one(npy):
     cfg = config(npy, "yes")
     mem = train.train_set(load_data(str(npy), stream="no").train, cfg, torch.device("cpu"))

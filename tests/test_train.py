@@ -147,6 +147,37 @@ def test_resume_is_bitwise_exact(tmp_path, binarize):
         runs.read_jsonl(tmp_path / "straight" / "metrics.jsonl"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda_is_exact_and_validation_leaves_the_gpus_random_stream_alone(tmp_path):
+    cfg = toy_config(epochs=3)
+    splits = toy_splits()
+    fit(build(cfg.model, seed=0).cuda(), cfg, splits, tmp_path / "straight", progress=False)
+
+    def crash_after_first(record):
+        if record["epoch"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(build(cfg.model, seed=0).cuda(), cfg, splits, tmp_path / "broken", progress=False,
+            on_epoch=crash_after_first)
+    torch.cuda.manual_seed(12345)
+    fit(build(cfg.model).cuda(), cfg, splits, tmp_path / "broken", resume=True, progress=False)
+    assert _weights_equal(tmp_path / "straight" / "last.safetensors", tmp_path / "broken" / "last.safetensors")
+
+
+def test_seeded_blocks_draw_from_their_seed_and_leave_the_global_stream_as_it_was():
+    from vaekit.distributions import seeded
+
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    with seeded(0):
+        inside = torch.rand(3)
+    assert torch.equal(torch.rand(3), expected_next)  # as if the block had not run
+    torch.manual_seed(0)
+    assert torch.equal(inside, torch.rand(3))
+
+
 def test_resume_without_a_finished_epoch_says_so(tmp_path):
     cfg = toy_config()
     with pytest.raises(RunError, match="before writing its first checkpoint"):

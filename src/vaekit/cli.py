@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, List, Optional, get_args
 
@@ -80,6 +81,9 @@ def _check_count(n: int, most: int, what: str) -> None:
 def _check_seed(seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED} (torch's range); got {seed}.")
+
+
+ENCODE_PART = 10_000  # `encode` reads a streamed split this many examples at a time
 
 
 def _parse_hidden(text: str) -> list[int]:
@@ -714,9 +718,10 @@ def encode(
     cfg, ds, split = _split(run, split, data=data)
     path = path or Path(run) / f"codes_{split}.npz"
     parts = [ds] if not ds.streamed else [  # a streamed split need not fit in memory at once
-        ds.take(torch.arange(i, min(i + 10_000, len(ds)))) for i in range(0, len(ds), 10_000)]
-    z = torch.cat([generate.encode_mean(model, eval_set(part, cfg.data), y=labels_for(part, cfg.model))
-                   for part in parts]).numpy()
+        ds.take(torch.arange(i, min(i + ENCODE_PART, len(ds)))) for i in range(0, len(ds), ENCODE_PART)]
+    pixels = torch.Generator().manual_seed(cfg.data.binarize_seed)  # the parts binarized as one split would be
+    z = torch.cat([generate.encode_mean(model, eval_set(part, cfg.data, generator=pixels),
+                                        y=labels_for(part, cfg.model)) for part in parts]).numpy()
     arrays = {"z": z} if ds.y is None else {"z": z, "y": ds.y.numpy()}
     if ds.y is not None and ds.classes:
         arrays["classes"] = np.array(ds.classes)  # the name of each label, for y's plots
@@ -1076,5 +1081,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _plain_warning(message, category, filename, lineno, line=None, *, _default=warnings.formatwarning) -> str:
+    """A user warning as one line, as the CLI's errors are; other warnings as Python shows them."""
+    if category is UserWarning:
+        return f"warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
 def run() -> None:
+    warnings.formatwarning = _plain_warning
     sys.exit(main())

@@ -11,6 +11,8 @@ objectives fall back to the single-sample estimate log q(z) − log p(z).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -95,6 +97,16 @@ class GaussianChain(Distribution):
         """A plug-in summary, not the exact mean: [E a, E(b | a = E a)]."""
         a = self.first.mean
         return self._join(a, self.second(a).mean)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """A block whose global random draws start from ``seed`` and leave the random state outside as
+    it was, on the CPU and on every CUDA device (torch.manual_seed seeds them all)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def draw_noise(d: Distribution, sample_shape=torch.Size()) -> torch.Tensor:

@@ -31,7 +31,7 @@ from vaekit import runs
 from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaekit.cpu import flush_denormals, keep_freed_memory
 from vaekit.data import Dataset, Splits, binarize, binarize_u8
-from vaekit.distributions import noise_drawer
+from vaekit.distributions import noise_drawer, seeded
 from vaekit.errors import DataError, RunError
 from vaekit.models.common import fit_output_bias_
 from vaekit.objectives import dreg_from_noise, elbo, encode, iwae, norm_penalty
@@ -164,14 +164,17 @@ def train_set(ds: Dataset, cfg: RunConfig, device: torch.device) -> TrainSet:
     return TrainSet(ds.x.to(device), scale, data.binarize == "dynamic", y)
 
 
-def eval_set(ds: Dataset, data: DataConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+def eval_set(ds: Dataset, data: DataConfig, device: torch.device | str = "cpu",
+             generator: torch.Generator | None = None) -> torch.Tensor:
     """Evaluation images as float32: binarized ONCE with the recorded seed unless binarize='none'.
 
     This fixes the protocol: two evaluations of one model on one split see the same pixels.
+    generator: for a split taken in consecutive parts, one generator seeded with
+    data.binarize_seed and passed to every part gives the parts the pixels of the whole.
     """
     x = ds.float()
     if data.binarize != "none":
-        x = binarize(x, torch.Generator().manual_seed(data.binarize_seed))
+        x = binarize(x, generator or torch.Generator().manual_seed(data.binarize_seed))
     return x.to(device)
 
 
@@ -182,8 +185,7 @@ def elbo_means(model, x: torch.Tensor, batch_size: int = 1000, seed: int = 0,
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         for i in range(0, len(x), batch_size):
             parts = elbo(model, x[i : i + batch_size], y=None if y is None else y[i : i + batch_size])
             totals += torch.stack([parts.distortion.sum(), parts.rate.sum()]).double().cpu()
@@ -223,8 +225,13 @@ class WeightAverage:
         self.module.load_state_dict(tensors)
 
 
-def _rng_tensors(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"rng.torch": torch.get_rng_state(), "rng.data": gen.get_state()}
+def _rng_tensors(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The random streams a resume must continue: the CPU's, the data order's, and the training
+    device's if it is a GPU (the noise and the binarization draws come from there)."""
+    out = {"rng.torch": torch.get_rng_state(), "rng.data": gen.get_state()}
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return out
 
 
 def save_state(run: Path, model, opt, gen: torch.Generator, state: dict,
@@ -238,7 +245,7 @@ def save_state(run: Path, model, opt, gen: torch.Generator, state: dict,
     average of the weights, if the run keeps one.
     """
     tensors, opt_meta = runs.optimizer_tensors(opt)
-    tensors.update(_rng_tensors(gen))
+    tensors.update(_rng_tensors(gen, next(model.parameters()).device))
     tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
@@ -270,6 +277,9 @@ def load_state(run: Path, model, opt, gen: torch.Generator,
     opt.load_state_dict(runs.optimizer_state_dict(tensors, opt_meta))
     torch.set_rng_state(tensors["rng.torch"])
     gen.set_state(tensors["rng.data"])
+    device = next(model.parameters()).device
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     return state, {k: v for k, v in tensors.items() if k.startswith("epoch.")}
 
 
@@ -452,8 +462,7 @@ def valid_loss(model, x: torch.Tensor, tc: TrainConfig, seed: int = 0, y: torch.
     was_training = model.training
     model.eval()
     total, chunk = 0.0, max(1, 20_000 // tc.k)  # images per pass: 20k decoded samples
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         for i in range(0, len(x), chunk):
             total += iwae(model, x[i : i + chunk], tc.k, None if y is None else y[i : i + chunk]).loss.double().sum().item()
     model.train(was_training)

@@ -6,10 +6,10 @@ as `torch.distributions` objects; the objectives and the estimator need nothing 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from vaekit.config import ModelConfig
+from vaekit.distributions import seeded
 from vaekit.errors import ConfigError
 from vaekit.models.conv import ConvVAE
 from vaekit.models.mlp import MLPVAE
@@ -26,6 +26,5 @@ def build(cfg: ModelConfig, seed: int | None = None) -> nn.Module:
     cfg.check()
     if seed is None:
         return REGISTRY[cfg.arch](cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return REGISTRY[cfg.arch](cfg)
