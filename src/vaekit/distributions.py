@@ -100,13 +100,28 @@ class GaussianChain(Distribution):
 
 
 @contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """A block whose global random draws start from ``seed`` and leave the random state outside as
-    it was, on the CPU and on every CUDA device (torch.manual_seed seeds them all)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+def seeded(seed: int | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """A block whose random draws on ``device`` (and on the CPU) start from ``seed``, the random
+    state outside left as it was on both; no-op for None. Other devices are not touched (where
+    torch.manual_seed would seed every CUDA device)."""
+    device = torch.device(device)
+    if seed is None:
         yield
+        return
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index]):
+            torch.random.default_generator.manual_seed(seed)
+            torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    else:  # other accelerators: torch.manual_seed seeds every device of the type
+        with torch.random.fork_rng(devices=[device], device_type=device.type):
+            torch.manual_seed(seed)
+            yield
 
 
 def draw_noise(d: Distribution, sample_shape=torch.Size()) -> torch.Tensor:

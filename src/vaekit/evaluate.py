@@ -27,6 +27,7 @@ from torch.distributions import Bernoulli, Distribution, Independent, Normal
 from tqdm.auto import tqdm
 
 from vaekit.cpu import keep_freed_memory
+from vaekit.distributions import seeded
 from vaekit.errors import ConfigError
 from vaekit.objectives import check_count, decode, elbo, encode, kl_per_dim
 
@@ -51,28 +52,6 @@ def _device(model) -> torch.device:
     for t in (*model.parameters(), *model.buffers()):
         return t.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Seed the RNG of `device` (and the CPU's) inside a fork, restoring both after; no-op for None."""
-    if seed is None:
-        yield
-        return
-    if device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            yield
-    elif device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.random.fork_rng(devices=[index]):
-            torch.random.default_generator.manual_seed(seed)
-            torch.cuda.default_generators[index].manual_seed(seed)
-            yield
-    else:  # other accelerators: torch.manual_seed seeds every device of the type
-        with torch.random.fork_rng(devices=[device], device_type=device.type):
-            torch.manual_seed(seed)
-            yield
 
 
 @contextlib.contextmanager
@@ -267,7 +246,7 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = No
     fast = _BinaryBernoulli(x) if is_binary(x) else None
     bar = tqdm(total=k, unit="sample", disable=not progress, leave=False)
     acc = None  # running logsumexp of the log-weights so far, (B,)
-    with _eval_mode(model), _seeded(seed, device):
+    with _eval_mode(model), seeded(seed, device):
         q = encode(model, x, y)  # batch shape (B,); full precision whatever `precision`: it runs once
         gauss = _GaussianProposal.of(q, model.prior())
         sample = q.sample if gauss is None else gauss.eps
@@ -329,7 +308,7 @@ def nll_per_image(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Ten
     device = _device(model)
     batch_size = batch_size or default_batch_size(k, tuple(x_all.shape[1:]))
     parts = []
-    with _eval_mode(model), _seeded(seed, device):
+    with _eval_mode(model), seeded(seed, device):
         bar = tqdm(total=n, unit="img", disable=not progress, desc=f"log p(x), k={k}")
         for rows in _batches(n, batch_size):
             parts.append(log_px(model, _as_float(x_all[rows]), k, y=_rows(y_all, rows),
@@ -378,7 +357,7 @@ def elbo_terms(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None,
     _check_labels(model, y_all)
     device = _device(model)
     nelbo, recon, kl, kl_dims = [], [], [], []
-    with _eval_mode(model), _seeded(seed, device):
+    with _eval_mode(model), seeded(seed, device):
         for rows in _batches(len(x_all), batch_size):
             x = _as_float(x_all[rows]).to(device)
             y = None if y_all is None else y_all[rows].to(device)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from vaekit.distributions import seeded
 from vaekit.errors import ConfigError
 from vaekit.objectives import decode, encode
 from vaekit.plots import interpolation_z, manifold_z
@@ -53,8 +54,7 @@ def _prior_draw(model, n: int, seed: int | None) -> torch.Tensor:
     without one drawn from (and advancing) the global random state, so each call draws anew."""
     if seed is None:
         return model.prior().sample((n,))
-    with torch.random.fork_rng(devices=[] if _device(model).type == "cpu" else [_device(model)]):
-        torch.manual_seed(seed)
+    with seeded(seed, _device(model)):
         return model.prior().sample((n,))
 
 

@@ -185,7 +185,7 @@ def elbo_means(model, x: torch.Tensor, batch_size: int = 1000, seed: int = 0,
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    with seeded(seed):
+    with seeded(seed, next(model.parameters()).device):
         for i in range(0, len(x), batch_size):
             parts = elbo(model, x[i : i + batch_size], y=None if y is None else y[i : i + batch_size])
             totals += torch.stack([parts.distortion.sum(), parts.rate.sum()]).double().cpu()
@@ -462,7 +462,7 @@ def valid_loss(model, x: torch.Tensor, tc: TrainConfig, seed: int = 0, y: torch.
     was_training = model.training
     model.eval()
     total, chunk = 0.0, max(1, 20_000 // tc.k)  # images per pass: 20k decoded samples
-    with seeded(seed):
+    with seeded(seed, next(model.parameters()).device):
         for i in range(0, len(x), chunk):
             total += iwae(model, x[i : i + chunk], tc.k, None if y is None else y[i : i + chunk]).loss.double().sum().item()
     model.train(was_training)
