@@ -964,21 +964,21 @@ def _rate_distortion_points(points: list[tuple[str, RunConfig, str, dict]]) -> t
         return (d.source, d.binarize, split, d.valid_fraction, d.split_seed, d.mnist_valid, m.likelihood,
                 "learned" if m.learn_sigma else m.sigma, bool(m.n_classes))
 
-    shown, unevaluated, unlike, reference = [], [], [], None
+    shown, unevaluated, unlike, first = [], [], [], None  # first: the (config, split) the others must match
     for name, cfg, split, about in points:
         rate, distortion = about.get("kl"), about.get("recon")
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (rate, distortion)):
             unevaluated.append(name)
-        elif reference is None or kind(cfg, split) == reference:
-            reference = kind(cfg, split)
+        elif first is None or kind(cfg, split) == kind(*first):
+            first = first or (cfg, split)
             shown.append((f"{name} (z={cfg.model.latent_dim})", rate, distortion))
         else:
             unlike.append(name)
-    split = "" if reference is None else reference[2]
+    split = "" if first is None else first[1]
     caption = (f"What each run's {split} −ELBO is made of: the nats its code carries (rate, the KL) and the "
                "nats its reconstructions miss (distortion). Each dashed line joins the points of one −ELBO; a "
                "larger z, or a smaller β, usually buys a lower distortion for a higher rate.")
-    if reference is not None and reference[6] == "gaussian":
+    if first is not None and first[0].model.likelihood == "gaussian":
         caption += " Under a Gaussian decoder the distortion is a negative log density, and can be below 0."
     if unlike:
         caption += (f" Left out, as their nats are not measured like those of the first run evaluated (another "

@@ -386,8 +386,11 @@ def _kl_per_dim(q: Distribution, prior: Distribution) -> torch.Tensor | None:
     return kl_per_dim(q, prior).flatten(1).double().cpu()
 
 
+ACTIVE = 0.01  # Burda et al.'s threshold on Cov_x(E_q[u]) for an active unit
+
+
 @torch.no_grad()
-def active_units(model, x_all: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000,
+def active_units(model, x_all: torch.Tensor, threshold: float = ACTIVE, batch_size: int = 1000,
                  y_all: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
     """Burda et al. 2015, §5.2: A_u = Cov_x(E_q[u]) > threshold, per latent dimension.
 
@@ -431,6 +434,6 @@ def evaluate(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None, k
         out["bits_per_dim"] = bits_per_dim(out["nll"], n_dims)
     out["active_units"] = count
     if cfg is not None and cfg.arch == "mlp2":  # the code is [z1, z2]; Burda et al. count each layer
-        out["active_units_z1"] = int((var[: cfg.latent1_dim] > 0.01).sum())
-        out["active_units_z2"] = int((var[cfg.latent1_dim :] > 0.01).sum())
+        out["active_units_z1"] = int((var[: cfg.latent1_dim] > ACTIVE).sum())
+        out["active_units_z2"] = int((var[cfg.latent1_dim :] > ACTIVE).sum())
     return out

@@ -300,8 +300,9 @@ def latent_traversal(images, dims: Sequence[int], values, own=None, kl=None,
         H, W = a.shape[-2:]
         xs, tops = _centres(len(vals), W), [c - (H - 1) / 2 for c in _centres(len(dims), H)]
         order = np.argsort(vals)
+        along, at = np.asarray(vals)[order], np.asarray(xs)[order]  # np.interp needs increasing values
         for value, top in zip((float(v) for v in own), tops):
-            x = float(np.interp(value, np.asarray(vals)[order], np.asarray(xs)[order]))
+            x = float(np.interp(value, along, at))
             marker = "<" if value < min(vals) else ">" if value > max(vals) else "v"
             ax.plot([x], [top + H * 0.12], marker=marker, color="red", markersize=5, clip_on=False)
     return fig
