@@ -108,7 +108,7 @@ def run_row(name: str, out: Path, args, splits) -> dict:
             # on the first --curve-images test images.
             point = curve_point(runs.load(run, "last"), x_curve, r["epoch"], args.k)
             kept = [c for c in runs.read_jsonl(curve_path) if c["epoch"] < r["epoch"]] if curve_path.exists() else []
-            runs.write_text(curve_path, "".join(json.dumps(c) + "\n" for c in [*kept, point]))
+            runs.write_jsonl(curve_path, [*kept, point])
             line += f"  test NLL ({len(x_curve)} images) {point['nll']:.2f}"
         print(line + f"  {r['seconds']:.1f}s", flush=True)
 
@@ -172,7 +172,7 @@ def update_archive(path: Path, outs: list[Path]) -> None:
     added = {f"{row} ({out.name})": entry for out in outs for row, entry in recipe_rows(out).items()}
     if not added:
         sys.exit(f"no rows with a result or a curve under {', '.join(map(str, outs))}; nothing stored.")
-    runs.write_text(path, json.dumps(archive | added, indent=1) + "\n")
+    runs.write_text(path, runs.dumps(archive | added, indent=1) + "\n")
     print(f"stored {len(added)} rows in {path}: {', '.join(added)}")
 
 

@@ -174,6 +174,24 @@ def test_a_quick_eval_does_not_replace_a_more_thorough_one(tmp_path, npz, capsys
     assert json.loads((run / "summary.json").read_text())["valid_eval"]["k"] == 40
 
 
+def _strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_an_undefined_stderr_is_written_as_null_not_nan(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "valid", "--k", "5", "--limit", "1", "--no-progress", "--json"]) == 0
+    printed = _strict_json(capsys.readouterr().out)
+    assert printed["n_images"] == 1 and printed["nll_stderr"] is None and printed["nll"] > 0
+    assert _strict_json((run / "summary.json").read_text())["valid_eval"]["nll_stderr"] is None
+    report = (run / "report.html").read_text()  # rewritten by eval from the summary, null and all
+    assert "by importance sampling with k = 5: " in report and "nats per image (over 1 image;" in report
+
+
 def test_resume_continues_a_run(tmp_path, npz):
     run = tmp_path / "run"
     assert main(train_args(run, npz)) == 0

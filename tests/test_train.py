@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import warnings
 
 import pytest
@@ -763,3 +764,13 @@ def test_what_each_binarization_feeds_the_model(binarize, monkeypatch):
         assert rows[0] == rows[1] and not torch.equal(first[0], first[1])
     else:  # a fresh draw each time an image is used
         assert rows[0] != rows[1]
+
+
+def test_a_non_finite_validation_score_ranks_last():
+    from vaekit.train import selection_score
+
+    assert selection_score({"valid_nelbo": 90.0, "valid_iwae_loss": 88.0}) == 88.0
+    for bad in (float("nan"), None, float("inf")):  # NaN in memory is null once read back from metrics.jsonl
+        assert selection_score({"valid_nelbo": bad}) == math.inf
+    records = [{"epoch": 1, "valid_nelbo": float("nan")}, {"epoch": 2, "valid_nelbo": 95.0}]
+    assert min(records, key=selection_score)["epoch"] == 2

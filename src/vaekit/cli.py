@@ -863,7 +863,7 @@ def eval_(
             runs.write_json(summary_path, {**summary, f"{split}_eval": result})
             write_report(Path(run))
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(runs.dumps(result))
         return
     typer.echo(f"{data if data is not None else split + ' set'}, {result['n_images']} images, binarization "
                f"{cfg.data.binarize} (seed {cfg.data.binarize_seed}); {result.get('estimator', '')}, k = {k}, "

@@ -64,6 +64,10 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def _count(n, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -126,7 +130,8 @@ def _headline(summary: Mapping) -> str:
         if isinstance(ev, Mapping) and _is_number(ev.get("nll")):
             err = f" ± {ev['nll_stderr']:.2f}" if _is_number(ev.get("nll_stderr")) else ""
             lines.append(f"{split.capitalize()} log p(x) by importance sampling with k = {ev.get('k')}: "
-                         f"{-ev['nll']:.2f}{err} nats per image (its {ev.get('n_images')} images; nll = −log p(x)).")
+                         f"{-ev['nll']:.2f}{err} nats per image (over {_count(ev.get('n_images'), 'image')}; "
+                         "nll = −log p(x)).")
             break
     if not lines:
         return ""

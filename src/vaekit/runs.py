@@ -20,6 +20,7 @@ one, never half of one; a killed process may leave a temp file, which is not dat
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -96,8 +97,28 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
+def _strict(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as strict JSON: a NaN or infinite float (an undefined stderr, a diverged loss) becomes null,
+    which every JSON reader accepts, where Python's default would write the bare token NaN."""
+    return json.dumps(_strict(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    write_text(path, dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    write_text(path, "".join(dumps(r) + "\n" for r in records))
 
 
 def read_jsonl(path: Path) -> list[dict]:

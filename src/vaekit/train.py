@@ -445,8 +445,10 @@ def compiled_loss(model, x: torch.Tensor, y: torch.Tensor | None, tc: TrainConfi
 
 def selection_score(record: dict) -> float:
     """What an epoch's metrics record is ranked by to keep the best weights (lower is better):
-    the validation −L_k for IWAE runs, the validation −ELBO otherwise."""
-    return record.get("valid_iwae_loss", record["valid_nelbo"])
+    the validation −L_k for IWAE runs, the validation −ELBO otherwise. A non-finite score (NaN in
+    memory, null once written) ranks last."""
+    score = record.get("valid_iwae_loss", record["valid_nelbo"])
+    return score if score is not None and math.isfinite(score) else math.inf
 
 
 @torch.no_grad()
@@ -548,7 +550,7 @@ def fit(
             part.update(order=epoch_tensors["epoch.order"].to(device), sums=epoch_tensors["epoch.sums"].to(device))
         # Metrics of an epoch logged but not checkpointed before a crash are dropped; it is redone.
         metrics = [m for m in runs.read_jsonl(run / "metrics.jsonl") if m["epoch"] <= state["epoch"]]
-        runs.write_text(run / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        runs.write_jsonl(run / "metrics.jsonl", metrics)
     else:
         torch.manual_seed(tc.seed)  # the reparameterization noise
         if tc.output_bias == "data":
@@ -684,7 +686,7 @@ def fit(
                     if improved:
                         runs.save_weights(run / "model.safetensors", judged)
                     runs.save_weights(run / "last.safetensors", judged)
-                    runs.write_text(run / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+                    runs.write_jsonl(run / "metrics.jsonl", metrics)
                     save_state(run, model, opt, gen, state, ema=ema)
 
                 _write_or_explain(run, saved, f"the checkpoint of epoch {epoch}", write_epoch)
