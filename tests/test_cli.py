@@ -107,6 +107,9 @@ def test_figures_of_data_beyond_0_1_span_its_range(tmp_path, capsys):
     np.savez(data, x=x)
     run = tmp_path / "run"
     assert main(train_args(run, data, "--likelihood", "gaussian")) == 0
+    assert "nats (of a density: Gaussian decoder); report" in capsys.readouterr().out
+    assert main(["eval", str(run), "--k", "5", "--no-progress", "--json"]) == 0
+    assert "a Gaussian decoder: nll is -log of a density" in json.loads(capsys.readouterr().out)["note"]
     about = json.loads((run / "summary.json").read_text())["valid"]
     lo, hi = about["display_range"]
     assert lo == -5.0 and 4.5 < hi <= 5.0
@@ -158,6 +161,9 @@ def test_the_log_names_what_was_trained_on(tmp_path, npz, capsys):
     assert main(train_args(tmp_path / "pm", npz, "--preset", "poor-man")) == 0
     err = capsys.readouterr().err
     assert "train loss" in err and "(norm penalty)" in err and "train -ELBO" not in err
+    record = json.loads((tmp_path / "pm" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"train_sse", "train_code_norm", "train_loss", "valid_nelbo"} <= set(record)  # valid: nats of the model
+    assert not {"train_nelbo", "train_recon", "train_kl"} & set(record)  # the penalty's terms are not nats
 
 
 def test_a_quick_eval_does_not_replace_a_more_thorough_one(tmp_path, npz, capsys):
@@ -688,6 +694,11 @@ def test_compare_plots_rate_and_distortion_only_for_runs_measured_alike(tmp_path
     page = (cmp / "report.html").read_text()
     assert "are not measured like those of the first run evaluated" in page and "conditional model): gauss." in page
     assert "other data" not in page
+    assert "The nats of gauss are not measured like those of bern" in page  # the table's numbers too
+    assert "<th>likelihood</th><th>binarization</th>" in page and "<td>gaussian (σ 0.1)</td>" in page
+    gauss_page = (gauss / "report.html").read_text()
+    assert "The decoder is Gaussian, so log p(x|z) and log p(x) are log densities" in gauss_page
+    assert "decoder is Gaussian" not in (bern / "report.html").read_text()
 
     # no run with a finite ELBO on record: no figure, and an older one in the folder goes
     for run in (bern, wide):

@@ -69,3 +69,15 @@ def test_config_is_frozen():
     with pytest.raises(Exception):
         cfg.model.latent_dim = 3  # type: ignore[misc]
     assert json.loads(cfg.to_json())["model"]["latent_dim"] == 20
+
+
+def test_binarization_defaults_to_what_the_data_and_decoder_call_for():
+    from vaekit.config import DataConfig, ModelConfig
+
+    assert RunConfig().data.binarize == "dynamic"  # MNIST under a Bernoulli decoder
+    gaussian = RunConfig(model=ModelConfig(likelihood="gaussian"))
+    assert gaussian.data.binarize == "none"
+    assert RunConfig(data=DataConfig(source="mine.npy")).data.binarize == "none"
+    assert RunConfig(data=DataConfig(source="mine.npy", binarize="static")).data.binarize == "static"
+    assert RunConfig.from_dict({"model": {"likelihood": "gaussian"}}).data.binarize == "none"
+    assert RunConfig.from_json(gaussian.to_json()) == gaussian  # written out resolved

@@ -1,5 +1,6 @@
 """The commands the docs show exist, with the options they are shown with."""
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -78,3 +79,39 @@ def test_every_paper_table_command_in_results_md_parses():
     for argv in commands:
         args = paper_table.parser().parse_args(argv)  # an unknown option or a bad value exits
         assert all(r in paper_table.ROWS for r in args.rows), argv
+
+
+def python_blocks(path: Path) -> list[str]:
+    blocks, current = [], None
+    for line in path.read_text().splitlines():
+        if line.startswith("```python"):
+            current = []
+        elif line.startswith("```") and current is not None:
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_the_readme_example_of_training_from_python_runs_as_written(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    import vaekit
+
+    (block,) = [b for b in python_blocks(ROOT / "README.md") if "vaekit.fit(" in b]
+    g = np.random.default_rng(0)
+    stripes = np.zeros((120, 8, 8), np.uint8)
+    stripes[:60, ::2] = 230
+    stripes[60:, :, ::2] = 230
+    np.save(tmp_path / "my_images.npy", np.clip(stripes + g.integers(0, 25, stripes.shape), 0, 255).astype(np.uint8))
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    metrics, model = scope["metrics"], scope["model"]
+    assert len(metrics) == 10 and metrics[-1]["valid_nelbo"] < metrics[0]["valid_nelbo"]
+    assert json.loads((tmp_path / "runs/mine/config.json").read_text())["data"]["binarize"] == "none"
+    x = vaekit.from_arrays(np.load("my_images.npy")).float()[:4]
+    assert not model.training and model.encode(x).mean.shape == (4, 8)

@@ -121,3 +121,26 @@ def test_a_grid_or_a_traversal_the_model_cannot_draw_is_named():
 
     dims = list(np.arange(3))  # numpy's whole numbers are dimensions too
     assert generate.traversal(model, x, dims, torch.linspace(-2, 2, 5)).shape == (3, 5, 1, 4, 4)
+
+
+def test_the_helpers_read_uint8_as_pixels_and_refuse_floats_out_of_range_or_arrays():
+    import numpy as np
+    import pytest
+
+    from vaekit.errors import ConfigError
+    from vaekit.evaluate import elbo_terms, log_px
+
+    model = build(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,)), seed=0)
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    pixels = (x * 255).round().to(torch.uint8)
+    assert torch.equal(generate.reconstruct(model, pixels), generate.reconstruct(model, pixels.float() / 255))
+    assert torch.equal(generate.encode_mean(model, pixels), generate.encode_mean(model, pixels.float() / 255))
+    for helper in (generate.reconstruct, generate.encode_mean, generate.kl_by_dimension,
+                   lambda m, v: log_px(m, v, k=3), lambda m, v: elbo_terms(m, v)):
+        with pytest.raises(ConfigError, match=r"x holds \d+ to 25\d"):
+            helper(model, pixels.float())  # 0..255 as floats: NaN log-likelihoods, if let through
+        with pytest.raises(ConfigError, match="torch.as_tensor"):
+            helper(model, x.numpy())
+    # numpy's integers count as whole numbers
+    assert torch.equal(generate.sample(model, np.int64(3), seed=np.int64(1)), generate.sample(model, 3, seed=1))
+    assert torch.equal(log_px(model, x, k=np.int64(4), seed=0), log_px(model, x, k=4, seed=0))

@@ -148,7 +148,9 @@ def test_wrong_images_or_codes_get_a_message_not_a_torch_error(arch):
     x = torch.rand(2, 1, 8, 8).round()
     model.encode(x)  # the right shape passes
     for bad, words in ((x.flatten(1), "shape (B, 1, 8, 8); got (2, 64)"), (x[0], "got (1, 8, 8)"),
-                       ((x * 255).to(torch.uint8), "float images")):
+                       ((x * 255).to(torch.uint8), "float images"), (x.numpy(), "got numpy.ndarray"),
+                       (x.double(), "computes in torch.float32 and x is torch.float64"),
+                       (x.to("meta"), "x is on meta; move x first")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             model.encode(bad)
     with pytest.raises(ConfigError, match=re.escape(f"codes of size {model.latent_dim}")):

@@ -10,10 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import vaekit
 from vaekit import runs, train
 from vaekit.config import RunConfig
 from vaekit.data import Dataset, Splits
-from vaekit.errors import RunError
+from vaekit.errors import DataError, RunError
 from vaekit.models import build
 from vaekit.train import fit
 
@@ -774,3 +775,19 @@ def test_a_non_finite_validation_score_ranks_last():
         assert selection_score({"valid_nelbo": bad}) == math.inf
     records = [{"epoch": 1, "valid_nelbo": float("nan")}, {"epoch": 2, "valid_nelbo": 95.0}]
     assert min(records, key=selection_score)["epoch"] == 2
+
+
+def test_fit_writes_a_run_that_load_rebuilds_and_checks_its_data(tmp_path):
+    cfg = toy_config(epochs=1)
+    model = build(cfg.model, seed=0)
+    fit(model, cfg, toy_splits(), str(tmp_path / "run"), progress=False)  # a str path is fine
+    assert runs.load_config(tmp_path / "run") == cfg
+    loaded = vaekit.load(tmp_path / "run", which="last")
+    x = toy_splits().valid.float()
+    assert torch.equal(loaded.encode(x).mean, model.eval().encode(x).mean)
+    splits = toy_splits()
+    scaled = Splits(Dataset(splits.train.float() * 255, None, "toy-255"), splits.valid, None)
+    with pytest.raises(DataError, match="values range from 0 to 2"):
+        fit(build(cfg.model), cfg, scaled, progress=False)  # Bernoulli: [0, 1] only
+    with pytest.warns(UserWarning, match="cfg.data.source is 'mnist'"):
+        fit(build(cfg.model), cfg.replace(data={"source": "mnist"}), splits, progress=False)

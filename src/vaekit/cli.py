@@ -21,7 +21,10 @@ import torch
 import typer
 
 from vaekit import __version__, runs
-from vaekit.config import MAX_SEED, PRESET_SOURCES, PRESETS, Activation, ModelConfig, RunConfig, merge, preset
+from vaekit.config import (MAX_SEED, PRESET_SOURCES, PRESETS, Activation, ModelConfig, RunConfig, TrainConfig, merge,
+                           preset)
+
+_TRAIN = TrainConfig()  # the defaults --help names
 from vaekit.errors import ConfigError, DataError, RunError, VaekitError
 
 app = typer.Typer(
@@ -278,11 +281,13 @@ def train(
     sigma: Optional[str] = typer.Option(None, "--sigma", help="Gaussian σ (a number), or 'learned'."),
     binarize: Optional[str] = typer.Option(None, "--binarize", help="dynamic, static or none (default: dynamic for "
                                            "MNIST with a Bernoulli likelihood, else none)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    beta: Optional[float] = typer.Option(None, "--beta", help="KL weight (β-VAE); 1 is the ELBO."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Passes over the training set (default {_TRAIN.epochs})."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Images per step (default {_TRAIN.batch_size})."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Adam's learning rate (default {_TRAIN.lr:g})."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the rate term: the KL (β-VAE; 1, the default, "
+                                         "is the ELBO), or λ of --objective norm-penalty. Not with iwae."),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"Seeds the weights, batches, noise and binarization "
+                                       f"(default {_TRAIN.seed})."),
     subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images."),
     stream: Optional[str] = typer.Option(None, "--stream", help="auto, yes or no: read a .npy file's training "
                                          "batches from disk as they are needed (auto: when the file is larger than "
@@ -312,7 +317,7 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N "
                                                    "steps, not only after each epoch (for runs that may be killed)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's "
                                           "choice, the physical cores)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", show_default=False,
@@ -380,9 +385,7 @@ def train(
         chosen = binarize or overrides.get("data", {}).get("binarize") or config_file or \
             (preset_name and preset(preset_name).get("data", {}).get("binarize"))
         if not chosen:
-            # The tutorials' default: dynamic binarization for MNIST with a Bernoulli decoder.
-            mnist_bernoulli = merged["model"]["likelihood"] == "bernoulli" and merged["data"]["source"] == "mnist"
-            merged["data"]["binarize"] = "dynamic" if mnist_bernoulli else "none"
+            merged["data"]["binarize"] = None  # RunConfig fills in the default for the data and decoder
         cfg = RunConfig.from_dict(merged)
         if _absolute(cfg.data.source) != cfg.data.source:  # from --data, --set or --config alike
             cfg = cfg.replace(data={"source": _absolute(cfg.data.source)})
@@ -482,7 +485,8 @@ def train(
 
         raise RunError(diverged(f"the {split} ELBO of its best weights is {summary[split]['elbo']} (the run's "
                                 f"files and report are in {out})"))
-    typer.echo(f"done in {time.perf_counter() - t0:.1f}s: {split} ELBO {summary[split]['elbo']:.2f} nats; "
+    density = " (of a density: Gaussian decoder)" if cfg.model.likelihood == "gaussian" else ""
+    typer.echo(f"done in {time.perf_counter() - t0:.1f}s: {split} ELBO {summary[split]['elbo']:.2f} nats{density}; "
                f"report: {out / 'report.html'}")
 
 
@@ -705,7 +709,7 @@ def encode(
     The file holds `z` (N, latent size) and, when the data has labels, `y` (N,), in the data's order,
     plus `classes`, label i's name, when the data names them (an image folder); load it with
     numpy.load. Images are binarized as the run's evaluation binarizes them (a streamed split,
-    chunk by chunk). For a model with two stochastic layers each row of `z` is [z1, z2]: the mean of
+    chunk by chunk). For a model with two stochastic layers each row of `z` is z1 followed by z2: the mean of
     q(z1|x), then the mean of q(z2|z1) at that z1 (latent1_dim + latent_dim columns).
     """
     import numpy as np
@@ -792,7 +796,7 @@ def eval_(
     seed: int = typer.Option(0, "--seed", help="Seed of the importance samples."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the file --scores names if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's "
                                           "choice, the physical cores)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", show_default=False,
@@ -838,6 +842,10 @@ def eval_(
         notes.append(f"trained with a norm penalty, not this model's ELBO: nll is -log p(x) under the model "
                      f"sampling draws from, z ~ N(0, I), x ~ N(decoder(z), {cfg.model.sigma}^2 I), with N(f(x), I) "
                      "as the proposal")
+    if cfg.model.likelihood == "gaussian":
+        notes.append("a Gaussian decoder: nll is -log of a density of the values as they are (no "
+                     "dequantization), so it can be negative, and it compares neither with a Bernoulli "
+                     "decoder's nats nor with the bits/dim of dequantized image models")
     if cfg.model.likelihood == "bernoulli" and not is_binary(x):
         notes.append("the images are grey, not 0/1: a Bernoulli decoder's 'log p(x)' of grey values is a "
                      "cross-entropy, not a log-likelihood of the images, and does not compare with results on "
@@ -929,8 +937,11 @@ def compare(
         others.extend([Path(run).name] if other else [])
         rows.append((f"{Path(run).name} (z={cfg.model.latent_dim}{', other data' if other else ''})",
                      generate.reconstruct(runs.load(run), x0, y), elbo_value))
+        sigma = "learned" if cfg.model.learn_sigma else f"{cfg.model.sigma:g}"
         table.append((Path(run).name, os.path.relpath(Path(run) / "report.html", out),
-                      {"latent_dim": cfg.model.latent_dim, **summary}))
+                      {"likelihood": cfg.model.likelihood + (f" (σ {sigma})" if cfg.model.likelihood == "gaussian"
+                                                            else ""),
+                       "binarization": cfg.data.binarize, "latent_dim": cfg.model.latent_dim, **summary}))
         points.append((Path(run).name, cfg, split, summary.get(split, {})))
     splits = " or ".join(sorted({"test" if "test" in summary else "valid" for _, _, summary in table}))
     figs = {"compare.png": plots.compare(x0, rows)}
@@ -943,12 +954,24 @@ def compare(
         figs["rate_distortion.png"] = plots.rate_distortion(shown)
         captions.append((caption, "rate_distortion.png"))
     _save_figures(out, figs)
-    html = report.index_report("vaekit comparison", table, captions)
+    unlike = [name for name, cfg, split, _ in points[1:] if _measured_as(cfg, split) != _measured_as(*points[0][1:3])]
+    intro = ("" if not unlike else
+             f"The nats of {', '.join(unlike)} are not measured like those of {points[0][0]} (another likelihood, "
+             "data, split or binarization, or a conditional model): their numbers do not compare with its.")
+    html = report.index_report("vaekit comparison", table, captions, intro=intro,
+                               text_columns=("likelihood", "binarization"))
     with _writable(out):
         if not shown and os.path.lexists(out / "rate_distortion.png"):
             os.remove(out / "rate_distortion.png")  # another comparison's figure, not this one's
         runs.write_text(out / "report.html", html)
     typer.echo(str(out / "report.html"))
+
+
+def _measured_as(cfg: RunConfig, split: str) -> tuple:
+    """What a run's nats are measured on and under: runs compare only where this is equal."""
+    m, d = cfg.model, cfg.data
+    return (d.source, d.binarize, split, d.valid_fraction, d.split_seed, d.mnist_valid, m.likelihood,
+            "learned" if m.learn_sigma else m.sigma, bool(m.n_classes))
 
 
 def _rate_distortion_points(points: list[tuple[str, RunConfig, str, dict]]) -> tuple[list, str]:
@@ -959,11 +982,7 @@ def _rate_distortion_points(points: list[tuple[str, RunConfig, str, dict]]) -> t
     decoder beside a Bernoulli one, other data or binarization, a conditional model, whose bound is
     on log p(x|y)) are left out and named, as are runs not yet evaluated.
     """
-    def kind(cfg: RunConfig, split: str) -> tuple:
-        m, d = cfg.model, cfg.data
-        return (d.source, d.binarize, split, d.valid_fraction, d.split_seed, d.mnist_valid, m.likelihood,
-                "learned" if m.learn_sigma else m.sigma, bool(m.n_classes))
-
+    kind = _measured_as
     shown, unevaluated, unlike, first = [], [], [], None  # first: the (config, split) the others must match
     for name, cfg, split, about in points:
         rate, distortion = about.get("kl"), about.get("recon")

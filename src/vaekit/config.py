@@ -73,7 +73,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "mnist"  # "mnist" or a path to .npz/.npy, an image folder or an IDX file
-    binarize: Binarize = "dynamic"
+    # None: the default for the data and the decoder, which RunConfig fills in (default_binarize)
+    binarize: Binarize | None = None
     binarize_seed: int = 0  # for "static" training data and for the fixed binarized eval sets
     subset: int | None = None  # use only the first N training examples
     valid_fraction: float = 0.1  # user data only; for MNIST see mnist_valid
@@ -195,12 +196,23 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every must be at least 1 step (or unset), got {self.checkpoint_every}.")
 
 
+def default_binarize(source: str, likelihood: str) -> Binarize:
+    """The tutorials' default: MNIST under a Bernoulli decoder is binarized afresh each time an image is
+    used; other data, and any data under a Gaussian decoder, is taken as it is."""
+    return "dynamic" if source == "mnist" and likelihood == "bernoulli" else "none"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.data.binarize is None:  # unset: the default for this data and decoder, written out from here on
+            data = dataclasses.replace(self.data, binarize=default_binarize(self.data.source, self.model.likelihood))
+            object.__setattr__(self, "data", data)
 
     def check(self) -> RunConfig:
         self.model.check()

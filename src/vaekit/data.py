@@ -86,6 +86,10 @@ class Dataset:
     classes: tuple[str, ...] | None = None  # names of labels 0, 1, ... (an image folder's subfolders)
 
     def __post_init__(self):
+        for field, value in (("x", self.x), ("y", self.y)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise DataError(f"{self.name}: {field} must be a torch tensor, got {type(value).__module__}."
+                                f"{type(value).__name__}; vaekit.data.from_arrays takes numpy arrays (and (N, H, W)).")
         if self.x.dtype not in (torch.uint8, torch.float32) or self.x.ndim not in (2, 4):
             raise DataError(f"{self.name}: x must be uint8/float32 of shape (N, C, H, W) or "
                             f"(N, D), got {self.x.dtype} {tuple(self.x.shape)}; convert it first.")
@@ -697,22 +701,35 @@ def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0
         if not Path(spec).expanduser().exists():
             raise DataError(f"'{spec}' is neither a known data set ('mnist') nor an existing path; "
                             f"accepted paths: {ACCEPTED}.")
-        ds = load_path(Path(spec), stream)
-        n_valid = round(len(ds) * valid_fraction)
-        if n_valid < 1 or n_valid >= len(ds):
-            raise DataError(f"{spec}: valid_fraction {valid_fraction} of {len(ds)} examples leaves "
-                            f"{n_valid} for validation and {len(ds) - n_valid} for training; each "
-                            "needs at least one. Change it (--set data.valid_fraction=F) or add data.")
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(split_seed))
-        train = replace(ds.take(perm[n_valid:]), name=f"{ds.name}-train")
-        valid = replace(ds.take(perm[:n_valid]).in_memory(), name=f"{ds.name}-valid")
-        test = None
+        parts = split(load_path(Path(spec), stream), valid_fraction, split_seed)
+        train, valid, test = parts.train, parts.valid, parts.test
     if subset is not None:
         if subset > len(train):
             raise DataError(f"subset {subset} is larger than the {len(train)} training examples; "
                             "use a smaller subset or none.")
         train = train.take(slice(0, subset))
     return Splits(train, valid, test)
+
+
+def from_arrays(x, y=None, name: str = "arrays") -> Dataset:
+    """A Dataset from arrays in memory (numpy or torch), read as a file of them would be: x shaped (N, H, W),
+    (N, C, H, W) or (N, D), uint8 (value/255) or other numbers (as float32); y optional integer labels."""
+    x = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
+    labels = None if y is None else _as_labels(np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y), len(x), name)
+    return Dataset(_as_examples(x, name), labels, name)
+
+
+def split(ds: Dataset, valid_fraction: float = 0.1, seed: int = 0) -> Splits:
+    """Train and validation splits of ds by a seeded permutation (no test split), as `load_data` splits a file."""
+    n_valid = round(len(ds) * valid_fraction)
+    if n_valid < 1 or n_valid >= len(ds):
+        raise DataError(f"{ds.name}: valid_fraction {valid_fraction} of {len(ds)} examples leaves "
+                        f"{n_valid} for validation and {len(ds) - n_valid} for training; each "
+                        "needs at least one. Change it (--set data.valid_fraction=F) or add data.")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    train = replace(ds.take(perm[n_valid:]), name=f"{ds.name}-train")
+    valid = replace(ds.take(perm[:n_valid]).in_memory(), name=f"{ds.name}-valid")
+    return Splits(train, valid, None)
 
 
 def load_splits(cfg) -> Splits:

@@ -11,6 +11,7 @@ objectives fall back to the single-sample estimate log q(z) − log p(z).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Callable
@@ -108,6 +109,10 @@ def seeded(seed: int | None, device: torch.device | str = "cpu") -> Iterator[Non
     if seed is None:
         yield
         return
+    try:
+        seed = operator.index(seed)  # numpy's integers too
+    except TypeError:
+        raise ConfigError(f"a seed must be a whole number (or None), got {seed!r}.") from None
     if device.type == "cpu":
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from vaekit.cpu import keep_freed_memory
 from vaekit.distributions import seeded
 from vaekit.errors import ConfigError
+from vaekit.models.common import as_input
 from vaekit.objectives import check_count, decode, elbo, encode, kl_per_dim
 
 ESTIMATOR = "importance sampling, proposal q(z|x)"
@@ -226,13 +227,7 @@ def log_px(model, x: torch.Tensor, k: int = 5000, *, y: torch.Tensor | None = No
     check_count(k, "k (importance samples per image)")
     check_count(chunk_size, "chunk_size", optional=True)
     _check_labels(model, y)
-    cfg = getattr(model, "cfg", None)  # a vaekit model's ModelConfig (a hand-made model may have none)
-    x = _as_float(x)
-    if cfg is not None and cfg.likelihood == "bernoulli" and len(x):
-        lo, hi = (float(v) for v in torch.aminmax(x))
-        if lo < 0 or hi > 1:
-            raise ConfigError(f"a Bernoulli decoder scores values in [0, 1]; x holds {lo:g} to {hi:g}. Scale the "
-                              "images to [0, 1] first (uint8 pixels are divided by 255).")
+    x = as_input(model, x)
     device = _device(model)
     if device.type == "cpu":
         keep_freed_memory()  # each chunk's temporaries reuse the last chunk's pages (vaekit.cpu)
@@ -275,11 +270,6 @@ def _batches(n: int, batch_size: int):
         yield slice(start, min(n, start + batch_size))
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images (value/255) to float32 in [0, 1]; float data as is."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x
-
-
 def default_chunk_size(n_images: int, shape: tuple[int, ...]) -> int:
     """Samples per decoder call in log_px: float32 output of about CHUNK_BYTES for n_images images."""
     return max(1, CHUNK_BYTES // (4 * math.prod(shape) * n_images))
@@ -311,7 +301,7 @@ def nll_per_image(model, x_all: torch.Tensor, k: int = 5000, *, y_all: torch.Ten
     with _eval_mode(model), seeded(seed, device):
         bar = tqdm(total=n, unit="img", disable=not progress, desc=f"log p(x), k={k}")
         for rows in _batches(n, batch_size):
-            parts.append(log_px(model, _as_float(x_all[rows]), k, y=_rows(y_all, rows),
+            parts.append(log_px(model, x_all[rows], k, y=_rows(y_all, rows),
                                 precision=precision).double().cpu())
             bar.update(rows.stop - rows.start)
         bar.close()
@@ -359,7 +349,7 @@ def elbo_terms(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None,
     nelbo, recon, kl, kl_dims = [], [], [], []
     with _eval_mode(model), seeded(seed, device):
         for rows in _batches(len(x_all), batch_size):
-            x = _as_float(x_all[rows]).to(device)
+            x = as_input(model, x_all[rows]).to(device)
             y = None if y_all is None else y_all[rows].to(device)
             parts = elbo(model, x, y=y)
             nelbo.append(-parts.elbo.double().cpu())
@@ -403,7 +393,7 @@ def active_units(model, x_all: torch.Tensor, threshold: float = ACTIVE, batch_si
     with _eval_mode(model):
         for rows in _batches(len(x_all), batch_size):
             y = None if y_all is None else y_all[rows].to(device)
-            means.append(encode(model, _as_float(x_all[rows]).to(device), y).mean.double().cpu())
+            means.append(encode(model, as_input(model, x_all[rows]).to(device), y).mean.double().cpu())
     means = torch.cat(means).flatten(1)  # (N, D)
     var = means.var(dim=0, correction=0)
     return int((var > threshold).sum()), var
@@ -430,7 +420,7 @@ def evaluate(model, x_all: torch.Tensor, *, y_all: torch.Tensor | None = None, k
     out.update(elbo_terms(model, x_all, y_all=y_all, seed=seed))
     count, var = active_units(model, x_all, y_all=y_all)
     cfg = getattr(model, "cfg", None)
-    if (cfg is None or cfg.likelihood == "bernoulli") and is_binary(_as_float(x_all)):
+    if (cfg is None or cfg.likelihood == "bernoulli") and is_binary(as_input(model, x_all)):
         out["bits_per_dim"] = bits_per_dim(out["nll"], n_dims)
     out["active_units"] = count
     if cfg is not None and cfg.arch == "mlp2":  # the code is [z1, z2]; Burda et al. count each layer

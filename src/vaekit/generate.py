@@ -1,6 +1,7 @@
 """What a user does with a trained model. Everything returns tensors; nothing writes files.
 
-Images come back as the decoder's mean: pixel probabilities for a Bernoulli
+Images go in as float tensors (values in [0, 1] under a Bernoulli decoder) or as uint8
+pixels, read as value/255. Images come back as the decoder's mean: pixel probabilities for a Bernoulli
 likelihood, the Gaussian mean otherwise (clamped to [0, 1] only by the plots).
 A conditional model (ModelConfig.n_classes > 0) needs the labels `y` wherever it
 encodes or decodes; sampling takes the class to draw.
@@ -15,6 +16,7 @@ import torch
 
 from vaekit.distributions import seeded
 from vaekit.errors import ConfigError
+from vaekit.models.common import as_input
 from vaekit.objectives import decode, encode
 from vaekit.plots import interpolation_z, manifold_z
 
@@ -63,7 +65,7 @@ def encode_mean(model, x: torch.Tensor, batch_size: int = 1000, y: torch.Tensor 
     """E_q[z|x] for each x: the code to use downstream. (N, *shape) -> (N, D)."""
     dev = _device(model)
     return torch.cat([
-        encode(model, x[i : i + batch_size].to(dev), _on(None if y is None else y[i : i + batch_size], dev)).mean.cpu()
+        encode(model, as_input(model, x[i : i + batch_size]).to(dev), _on(None if y is None else y[i : i + batch_size], dev)).mean.cpu()
         for i in range(0, len(x), batch_size)
     ])
 
@@ -79,7 +81,7 @@ def kl_by_dimension(model, x: torch.Tensor, batch_size: int = 1000,
     parts = []
     for i in range(0, len(x), batch_size):
         y_part = None if y is None else y[i : i + batch_size].to(dev)
-        part = _kl_per_dim(encode(model, x[i : i + batch_size].to(dev), y_part), model.prior())
+        part = _kl_per_dim(encode(model, as_input(model, x[i : i + batch_size]).to(dev), y_part), model.prior())
         if part is None:
             return None
         parts.append(part)
@@ -91,7 +93,7 @@ def reconstruct(model, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.
     """Decode the posterior mean of each x: E_p[x | z = E_q[z|x]], shape of x."""
     dev = _device(model)
     y = _on(y, dev)
-    return decode(model, encode(model, x.to(dev), y).mean, y).mean.cpu()
+    return decode(model, encode(model, as_input(model, x).to(dev), y).mean, y).mean.cpu()
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ Tucker et al. 2019): the same expectation with less variance.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable, NamedTuple
 
 import torch
@@ -130,7 +131,11 @@ def check_count(value: int | None, what: str, optional: bool = False) -> None:
     """ConfigError unless value is a whole number >= 1 (or, if optional, None); `what` names it."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    try:
+        whole = not isinstance(value, bool) and operator.index(value) >= 1  # numpy's integers too
+    except TypeError:
+        whole = False
+    if not whole:
         raise ConfigError(f"{what} must be a whole number >= 1{' or None' if optional else ''}, got {value!r}.")
 
 

@@ -115,7 +115,7 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def _headline(summary: Mapping) -> str:
+def _headline(summary: Mapping, config: Mapping) -> str:
     """The run's numbers in words: its ELBO as the sum it is, and its importance-sampled log p(x)."""
     lines = []
     for split in ("test", "valid"):
@@ -137,6 +137,11 @@ def _headline(summary: Mapping) -> str:
         return ""
     lines.append("In the table, recon is −E_q[log p(x|z)] and kl is KL(q(z|x) ‖ p(z)), in nats per image; "
                  "nelbo = recon + kl = −elbo.")
+    model = config.get("model")
+    if isinstance(model, Mapping) and model.get("likelihood") == "gaussian":
+        lines.append("The decoder is Gaussian, so log p(x|z) and log p(x) are log densities of the values as they "
+                     "are (not dequantized): they can be above 0, and they do not compare with the nats of a "
+                     "Bernoulli decoder.")
     return "".join(f"<p>{escape(line)}</p>" for line in lines)
 
 
@@ -146,7 +151,7 @@ def run_report(title: str, config: dict, summary: dict, figures: list[tuple[str,
 
     ``figures`` are (caption, filename relative to the run directory).
     """
-    body = ["<h2>Summary</h2>", _headline(summary), _key_value_table(summary), _figures(figures),
+    body = ["<h2>Summary</h2>", _headline(summary, config), _key_value_table(summary), _figures(figures),
             "<h2>Configuration</h2>", _key_value_table(config)]
     if metrics:
         last = metrics[-_LAST_METRICS_ROWS:]
@@ -160,14 +165,15 @@ def run_report(title: str, config: dict, summary: dict, figures: list[tuple[str,
 
 
 def index_report(title: str, runs: list[tuple[str, str, dict]], figures: list[tuple[str, str]],
-                 intro: str = "") -> str:
+                 intro: str = "", text_columns: Sequence[str] = ()) -> str:
     """A page comparing several runs: one table row per run (linked), then shared figures.
 
-    Columns are the numeric summary keys (flattened, e.g. "test.elbo") found in
-    any run, in order of first appearance; a run without a key shows "—".
+    Columns are ``text_columns`` (keys of any value, e.g. the likelihood), then the numeric summary
+    keys (flattened, e.g. "test.elbo") found in any run, in order of first appearance; a run
+    without a key shows "—".
     """
     flat = [flatten(summary) for _, _, summary in runs]
-    columns: list[str] = []
+    columns: list[str] = [k for k in text_columns if any(k in f for f in flat)]
     for f in flat:
         columns += [k for k, v in f.items() if _is_number(v) and k not in columns]
     rows = [

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from vaekit import runs
 from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaekit.cpu import flush_denormals, keep_freed_memory
-from vaekit.data import Dataset, Splits, binarize, binarize_u8
+from vaekit.data import Dataset, Splits, binarize, binarize_u8, check_unit_range
 from vaekit.distributions import noise_drawer, seeded
-from vaekit.errors import DataError, RunError
+from vaekit.errors import ConfigError, DataError, RunError
 from vaekit.models.common import fit_output_bias_
 from vaekit.objectives import dreg_from_noise, elbo, encode, iwae, norm_penalty
 
@@ -172,6 +172,10 @@ def eval_set(ds: Dataset, data: DataConfig, device: torch.device | str = "cpu",
     generator: for a split taken in consecutive parts, one generator seeded with
     data.binarize_seed and passed to every part gives the parts the pixels of the whole.
     """
+    if data.binarize is None:
+        raise ConfigError("this DataConfig leaves binarize unset, and only a RunConfig fills in its default (from "
+                          "the data and the decoder); pass the run's config (cfg.data), or set binarize to "
+                          "'dynamic', 'static' or 'none'.")
     x = ds.float()
     if data.binarize != "none":
         x = binarize(x, generator or torch.Generator().manual_seed(data.binarize_seed))
@@ -491,13 +495,19 @@ def fit(
     model,
     cfg: RunConfig,
     splits: Splits,
-    run: Path | None = None,
+    run: Path | str | None = None,
     *,
     resume: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train ``model`` as ``cfg.train`` says; checkpoint into ``run``; return the metrics.
+
+    The metrics are one dict an epoch: train_* and valid_* means per example, in nats
+    (valid_nelbo is the validation −ELBO), and the epoch's seconds. ``run``, a directory, gets
+    config.json (unless it has one), the weights (model.safetensors: the best validation epoch;
+    last.safetensors), metrics.jsonl and the checkpoint state.safetensors; `vaekit.load(run)`
+    rebuilds the model from it. ``model`` stays in training mode.
 
     A checkpoint is written at the end of every epoch and, if ``cfg.train.checkpoint_every``
     is set, every that many steps. ``resume=True`` continues from the last one bitwise
@@ -508,6 +518,14 @@ def fit(
     """
     tc = cfg.train
     device = next(model.parameters()).device
+    if cfg.data.source == "mnist" and not splits.train.name.startswith("mnist"):
+        warnings.warn(f"cfg.data.source is 'mnist' (the default), but the training data is {splits.train.name!r}: "
+                      f"the run records MNIST as its data and takes MNIST's binarization default "
+                      f"({cfg.data.binarize!r}). Describe your data: DataConfig(source=...).", stacklevel=2)
+    if cfg.model.likelihood == "bernoulli":  # (a streamed split is read whole to check it: the CLI does that)
+        for ds in (splits.train, splits.valid):
+            if not ds.streamed:
+                check_unit_range(ds)
     if device.type == "cpu":
         keep_freed_memory()  # each step's temporaries reuse the last step's pages (vaekit.cpu)
     data = train_set(splits.train, cfg, device)
@@ -529,8 +547,11 @@ def fit(
     part: dict | None = None  # an epoch checkpointed part-way: where to pick it up
     metrics: list[dict] = []
     if run is not None:
+        run = Path(run)
         run.mkdir(parents=True, exist_ok=True)
         runs.remove_temp_files(run)  # left by a process killed while writing
+        if not (run / "config.json").is_file():  # so vaekit.load can rebuild the model from the directory
+            runs.save_config(run, cfg)
     if resume:
         if run is None or not (run / "state.safetensors").is_file():
             raise RunError(f"nothing to resume in {run}: it stopped before writing its first checkpoint "
@@ -663,12 +684,15 @@ def fit(
             state["step"] += steps
             state["skipped_steps"] += skipped
             state["epoch"] = epoch
+            # The norm penalty's terms are a squared error and a code's norm, not nats: named as such.
+            terms = (("train_nelbo", "train_recon", "train_kl") if tc.objective != "norm-penalty"
+                     else (None, "train_sse", "train_code_norm"))
             record = {
                 "epoch": epoch,
                 "step": state["step"],
-                "train_nelbo": (r + k) / max(m, 1),
-                "train_recon": r / max(m, 1),
-                "train_kl": k / max(m, 1),
+                **({terms[0]: (r + k) / max(m, 1)} if terms[0] else {}),
+                terms[1]: r / max(m, 1),
+                terms[2]: k / max(m, 1),
                 "train_loss": loss_sum / max(m, 1),
                 **{f"valid_{key}": value for key, value in valid.items()},
                 "skipped_steps": skipped,

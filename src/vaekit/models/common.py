@@ -79,12 +79,17 @@ def fit_output_bias_(model: nn.Module, mean: torch.Tensor) -> None:
     layer.bias.copy_(m)
 
 
-def check_images(x: torch.Tensor, input_shape: tuple[int, ...], exact: bool = False) -> None:
+def check_images(x: torch.Tensor, input_shape: tuple[int, ...], exact: bool = False,
+                 like: torch.Tensor | None = None) -> None:
     """ConfigError unless x is a batch of float images of the model's shape: (B, *input_shape), or
-    with exact=False any leading dimensions before it. Skipped inside compiled code (training
-    checks its data once, before the loop)."""
+    with exact=False any leading dimensions before it, and (given ``like``, one of the model's
+    weights) of its dtype and on its device. Skipped inside compiled code (training checks its
+    data once, before the loop)."""
     if torch.compiler.is_compiling():
         return
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"this model takes a torch tensor of images; got {type(x).__module__}.{type(x).__name__}. "
+                          "Convert it first, e.g. torch.as_tensor(x, dtype=torch.float32).")
     shape, n = tuple(input_shape), len(input_shape)
     if tuple(x.shape[-n:]) != shape or x.dim() < n + 1 or (exact and x.dim() != n + 1):
         raise ConfigError(f"this model takes a batch of images of shape (B, {', '.join(map(str, shape))}); got "
@@ -92,6 +97,30 @@ def check_images(x: torch.Tensor, input_shape: tuple[int, ...], exact: bool = Fa
     if not x.is_floating_point():
         raise ConfigError(f"this model takes float images (values in [0, 1] for a Bernoulli decoder); got {x.dtype}."
                           " Convert them first, e.g. x.float() / 255 for uint8 pixels.")
+    if like is not None and x.dtype != like.dtype:
+        raise ConfigError(f"this model computes in {like.dtype} and x is {x.dtype} (numpy's default float is "
+                          f"float64); convert it first: x.to({like.dtype}).")
+    if like is not None and x.device != like.device:
+        raise ConfigError(f"this model is on {like.device} and x is on {x.device}; move x first: "
+                          f"x.to('{like.device}').")
+
+
+def as_input(model, x) -> torch.Tensor:
+    """x as the helpers of vaekit.generate and vaekit.evaluate take it: a tensor, uint8 pixels read as
+    value/255 (as the data loader reads them), values in [0, 1] under a Bernoulli decoder. ConfigError
+    otherwise: images scaled 0..255 as floats would give NaN log-likelihoods and meaningless codes."""
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"vaekit takes a torch tensor of images; got {type(x).__module__}.{type(x).__name__}. "
+                          "Convert it first, e.g. torch.as_tensor(x, dtype=torch.float32).")
+    if x.dtype == torch.uint8:
+        return x.float().div_(255)
+    cfg = getattr(model, "cfg", None)  # a vaekit model's ModelConfig (a hand-made model may have none)
+    if cfg is not None and cfg.likelihood == "bernoulli" and x.numel() and x.is_floating_point():
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if lo < 0 or hi > 1:
+            raise ConfigError(f"a Bernoulli decoder scores values in [0, 1]; x holds {lo:g} to {hi:g}. Scale the "
+                              "images to [0, 1] first (uint8 pixels are divided by 255).")
+    return x
 
 
 def check_code(z: torch.Tensor, d: int) -> None:

@@ -69,7 +69,7 @@ class ConvVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """q(z|x) for x of shape (B, C, H, W)."""
-        check_images(x, self.input_shape, exact=True)
+        check_images(x, self.input_shape, exact=True, like=self.dense_decoder[0].weight)
         x = x.contiguous(memory_format=torch.channels_last)
         h = join_label(self.conv_encoder(x).flatten(1), y, self.cfg.n_classes)
         return diag_gaussian(self.dense_encoder(h))

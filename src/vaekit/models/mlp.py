@@ -49,7 +49,7 @@ class MLPVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Independent:
         """q(z|x) for x of shape (B, *input_shape): a diagonal Gaussian with batch shape (B,)."""
-        check_images(x, self.input_shape)
+        check_images(x, self.input_shape, like=self.decoder[0].weight)
         h = join_label(x.flatten(start_dim=-len(self.input_shape)), y, self.cfg.n_classes)
         return diag_gaussian(self.encoder(h))
 

@@ -46,7 +46,7 @@ class TwoLayerVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, y: None = None) -> GaussianChain:
         """q(z1, z2 | x) = q(z1|x) q(z2|z1), batch shape (B,), event (d1 + d2,)."""
-        check_images(x, self.input_shape)
+        check_images(x, self.input_shape, like=self.decoder[0].weight)
         q1 = diag_gaussian(self.q_z1(x.flatten(start_dim=-len(self.input_shape))))
         return GaussianChain(q1, lambda z1: diag_gaussian(self.q_z2(z1)), self.cfg.latent_dim, order="ab",
                              second_fixed=lambda z1: diag_gaussian(forward_params_detached(self.q_z2, z1)))

@@ -47,7 +47,7 @@ class PoorMansVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, y: None = None) -> Independent:
         """N(f(x), I): the code plus fixed unit noise."""
-        check_images(x, self.input_shape)
+        check_images(x, self.input_shape, like=self.decoder[0].weight)
         f = self.encoder(x.flatten(start_dim=-len(self.input_shape))).float()
         return Independent(Normal(f, torch.ones_like(f), validate_args=False), 1)
 
