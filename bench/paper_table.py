@@ -239,11 +239,11 @@ def figure(recipes: list[tuple[str, dict[str, dict]]], path: Path) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     ap.add_argument("--rows", nargs="+", default=["vae-1l-k1"], help=f"'all' or any of: {', '.join(ROWS)}")
-    ap.add_argument("--epochs", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=int, default=200, help="passes over the training set per row")
+    ap.add_argument("--batch-size", type=int, default=100, help="images per step (the paper: 20)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate at the start")
     ap.add_argument("--lr-min-factor", type=float, default=0.01, help="cosine schedule ends at lr times this")
     ap.add_argument("--warmup", type=int, default=0, help="KL warm-up steps (0: none); for the IWAE rows β weights log p(z) − log q(z|x) in each weight")
     ap.add_argument("--dreg", action="store_true",
@@ -299,6 +299,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
     ap.add_argument("--progress", action="store_true")
     return ap
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each option's default where it has one and its help does not name it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not any(action.default is d for d in (None, False, argparse.SUPPRESS)) and action.default != [] \
+                and "default" not in text:
+            default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+            text += f" (default: {default})"
+        return text
 
 
 def main(argv: list[str] | None = None) -> None:
