@@ -242,6 +242,9 @@ def _write_inputs(tmp: Path) -> None:
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp / "mixed" / "a.png")
     Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp / "mixed" / "b.png")
     (tmp / "typo.json").write_text(json.dumps({"train": {"epoch": 3}}))
+    (tmp / "latin1.json").write_bytes('{"train": {"lr": 0.001}, "preset": "é"}'.encode("latin-1"))
+    x = np.zeros((20, 8, 8), np.uint8)
+    np.savez(tmp / "far_labels.npz", x=x, y=np.r_[np.arange(19), 10**9])  # labels 0..18 and one of 10**9
 
 
 def _corrupt_mnist_cache(truncate: bool) -> None:
@@ -267,9 +270,23 @@ BAD_INPUTS = {
     "truncated mnist cache": (["--data", "mnist"], ["corrupt or truncated", "vaekit data fetch mnist --force"]),
     "unknown key in --config": (["--data", "{npz}", "--config", "{tmp}/typo.json"], ["'train.epoch'", "epochs"]),
     "unknown section in --set": (["--data", "{npz}", "--set", "trian.lr=0.1"], ["'trian'", "train"]),
-    "negative latent size": (["--data", "{npz}", "--latent-dim", "-1"], ["latent_dim", "at least 1"]),
+    "negative latent size": (["--data", "{npz}", "--latent-dim", "-1"], ["latent_dim", "between 1 and"]),
+    "huge latent size": (["--data", "{npz}", "--latent-dim", "99999999999999999999"], ["latent_dim", "between 1 and"]),
+    "huge k": (["--data", "{npz}", "--k", "1000000000"], ["k (samples of z", "between 1 and"]),
+    "huge thread count": (["--data", "{npz}", "--threads", "99999999999999999999"], ["--threads", "between 1 and"]),
+    "infinite learning rate": (["--data", "{npz}", "--lr", "inf"], ["'train.lr'", "finite"]),
+    "NaN free bits": (["--data", "{npz}", "--free-bits", "nan"], ["'train.free_bits'", "finite"]),
+    "negative gradient clip": (["--data", "{npz}", "--set", "train.grad_clip=-1"], ["grad_clip", "positive"]),
+    "σ for a Bernoulli decoder": (["--data", "{npz}", "--sigma", "0.5"], ["--sigma", "--likelihood gaussian"]),
+    "learned σ for a Bernoulli decoder": (["--data", "{npz}", "--sigma", "learned"], ["learned σ",
+                                                                                        "--likelihood gaussian"]),
+    "labels up to 10**9 for a conditional model": (["--data", "{tmp}/far_labels.npz", "--conditional",
+                                                    "--batch-size", "4"],
+                                                   ["labels run up to 1000000000", "never occur", "0..C-1"]),
+    "--config not UTF-8": (["--data", "{npz}", "--config", "{tmp}/latin1.json"], ["latin1.json", "not valid JSON"]),
+    "--config a folder": (["--data", "{npz}", "--config", "{tmp}"], ["is a folder", "config.json"]),
     "zero batch size": (["--data", "{npz}", "--batch-size", "0"], ["batch_size", "at least 1"]),
-    "zero hidden width": (["--data", "{npz}", "--hidden", "0"], ["hidden", "positive"]),
+    "zero hidden width": (["--data", "{npz}", "--hidden", "0"], ["hidden", "between 1 and"]),
     "zero checkpoint interval": (["--data", "{npz}", "--checkpoint-every", "0"], ["checkpoint_every", "at least 1"]),
 }
 
@@ -410,6 +427,92 @@ def test_resume_refuses_flags_it_would_ignore(tmp_path, npz, capsys):
     err = capsys.readouterr().err
     assert "--batch-size, --lr" in err and "config.json" in err
     assert [m["epoch"] for m in runs.read_jsonl(run / "metrics.jsonl")] == [1]
+
+
+def test_resume_of_a_run_without_its_checkpoint_keeps_its_weights(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    (run / "state.safetensors").unlink()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(resume_args(run)) == 2
+    err = capsys.readouterr().err
+    assert "no state.safetensors" in err and "new run" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_resume_on_other_data_of_the_same_shape_is_refused(tmp_path, capsys):
+    data = tmp_path / "data.npz"
+    x, y = blobs(300)
+    np.savez(data, x=x, y=y)
+    run = tmp_path / "run"
+    assert main(train_args(run, data)) == 0
+    x[150] = 255 - x[150]  # one example changed (under 1024 examples, each is in the fingerprint)
+    np.savez(data, x=x, y=y)
+    assert main([*resume_args(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "has changed since the run began" in err and "Traceback" not in err
+    assert [m["epoch"] for m in runs.read_jsonl(run / "metrics.jsonl")] == [1]
+
+
+def test_resume_after_config_json_was_edited_names_the_mismatch(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["latent_dim"] = 7
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main([*resume_args(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the model described in config.json" in err and "Traceback" not in err
+
+
+def test_resume_with_a_damaged_summary_fails_before_training_and_says_how_to_mend_it(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    (run / "summary.json").write_text('{"epochs": 1, "te')
+    assert main([*resume_args(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "summary.json is not valid JSON" in err and "delete it" in err and f"vaekit plot {run}" in err
+    assert [m["epoch"] for m in runs.read_jsonl(run / "metrics.jsonl")] == [1]  # no epoch trained, then lost
+    (run / "summary.json").unlink()
+    assert main(["plot", str(run)]) == 0
+    assert runs.read_json(run / "summary.json")["epochs"] == 1
+
+
+def test_ctrl_c_after_a_checkpoint_names_the_run_to_resume(tmp_path, npz, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    capsys.readouterr()
+    assert main([*resume_args(run), "--epochs", "2"]) == 130
+    assert f"vaekit train --out {run} --resume" in capsys.readouterr().err
+
+
+def test_eval_shows_its_result_when_the_run_folder_cannot_be_written(tmp_path, npz, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    before = (run / "summary.json").read_bytes()
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(runs, "write_json", refused)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--k", "3"]) == 2
+    captured = capsys.readouterr()
+    assert "nll" in captured.out  # the work is shown, not lost
+    assert "not recorded" in captured.err and "Permission denied" in captured.err and "Traceback" not in captured.err
+    assert (run / "summary.json").read_bytes() == before
+
+
+def test_eval_refuses_an_absurd_k(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    assert main(["eval", str(run), "--k", "99999999999999999999"]) == 2
+    assert "--k" in capsys.readouterr().err
 
 
 def test_resume_with_more_epochs_extends_a_finished_run_exactly(tmp_path, npz):

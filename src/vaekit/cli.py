@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input or usage (a message, no traceback unless
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -38,11 +39,15 @@ data_app = typer.Typer(help="Fetch, import and inspect data sets.", no_args_is_h
 app.add_typer(data_app, name="data")
 
 
+MAX_THREADS = 4096
+
+
 def _set_threads(threads: Optional[int]) -> None:
     if threads is None:
         return
-    if threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {threads}.")
+    if not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"--threads must be between 1 and {MAX_THREADS}, got {threads} (this machine has "
+                          f"{os.cpu_count()} CPUs).")
     torch.set_num_threads(threads)
 
 
@@ -86,6 +91,7 @@ def _check_seed(seed: int) -> None:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED} (torch's range); got {seed}.")
 
 
+MAX_EVAL_K = 1_000_000  # eval --k: beyond this a test set takes days
 ENCODE_PART = 10_000  # `encode` reads a streamed split this many examples at a time
 
 
@@ -164,7 +170,8 @@ def _prepare_out(out: Path, resume: bool) -> None:
         free = st.f_bavail * st.f_frsize
         if free < 50 * 2**20:
             raise RunError(f"only {free / 2**20:.1f} MiB free on the disk that holds --out {out}; a run needs "
-                           "at least 50 MiB for checkpoints and figures. Free some space or choose another --out.")
+                           "at least 50 MiB for checkpoints and figures. Free some space"
+                           + ("." if resume else " or choose another --out."))
 
 
 def _make_folder(folder: Path) -> None:
@@ -218,12 +225,11 @@ def _out_file(out: Optional[Path], suffix: str, run: Path, *, data: Optional[Pat
 def finish_run(run: Path, *, progress: bool = True) -> dict:
     """After training: test ELBO of the best weights, figures, summary.json and report.html."""
     from vaekit import figures
-    from vaekit.data import load_splits
     from vaekit.train import elbo_means, eval_set, labels_for, selection_score
 
     cfg = runs.load_config(run)
     model = runs.load(run)
-    splits = load_splits(cfg.data)
+    splits = _run_splits(run, cfg)
     _same_shape(run, cfg, splits.train)
     split, ds = ("test", splits.test) if splits.test is not None else ("valid", splits.valid)
     x = eval_set(ds, cfg.data)
@@ -245,10 +251,12 @@ def finish_run(run: Path, *, progress: bool = True) -> dict:
                 "binarization": cfg.data.binarize,
                 "binarize_seed": cfg.data.binarize_seed, "estimator": "ELBO, 1 sample of z per image"},
     }
-    runs.write_json(run / "summary.json", summary)
+    with _writable(run):
+        runs.write_json(run / "summary.json", summary)
     _save_figures(run, figures.run_figures(model, x, ds.y, metrics, class_names=ds.classes,
                                            train_is_elbo=cfg.train.objective != "norm-penalty"))
-    write_report(run)
+    with _writable(run):
+        write_report(run)
     return summary
 
 
@@ -345,16 +353,18 @@ def train(
             raise ConfigError(f"--resume continues the run with its saved {out / 'config.json'}, so "
                               f"{', '.join(given)} would be ignored; drop them (or edit config.json).")
         cfg = runs.load_config(out)
+        runs.read_json(out / "summary.json", default={})  # damaged: say so now, not after an epoch's training
         if epochs is not None and epochs != cfg.train.epochs:
             cfg = _extended(out, cfg, epochs)
     else:
         base: dict[str, Any] = RunConfig().to_dict()
         if config_file is not None:
             if not config_file.is_file():
-                raise ConfigError(f"--config {config_file} does not exist.")
+                raise ConfigError(f"--config {config_file} " + ("is a folder; give the config.json in it."
+                                  if config_file.is_dir() else "does not exist."))
             try:
-                given = json.loads(config_file.read_text())
-            except json.JSONDecodeError as e:
+                given = json.loads(config_file.read_text(encoding="utf-8"))
+            except ValueError as e:  # not JSON, or not UTF-8 text
                 raise ConfigError(f"--config {config_file} is not valid JSON ({e}).") from None
             if not isinstance(given, dict):
                 raise ConfigError(f"--config {config_file} must hold a JSON object of config sections.")
@@ -387,6 +397,9 @@ def train(
         if not chosen:
             merged["data"]["binarize"] = None  # RunConfig fills in the default for the data and decoder
         cfg = RunConfig.from_dict(merged)
+        if sigma is not None and cfg.model.likelihood != "gaussian":
+            raise ConfigError(f"--sigma {sigma} is the σ of a Gaussian decoder, and this run's is "
+                              f"{cfg.model.likelihood}; add --likelihood gaussian, or drop --sigma.")
         if _absolute(cfg.data.source) != cfg.data.source:  # from --data, --set or --config alike
             cfg = cfg.replace(data={"source": _absolute(cfg.data.source)})
         # A preset's class count (cvae: 10) is MNIST's; other labelled data has its classes counted.
@@ -397,7 +410,7 @@ def train(
     _outside(out, _source_path(cfg.data.source), "the training data")
 
     # Load and check the data before writing anything, so bad data leaves no run behind.
-    splits = load_splits(cfg.data)
+    splits = _run_splits(out, cfg) if resume else load_splits(cfg.data)
     if splits.train.streamed:
         typer.echo(f"{splits.train.source}: training batches are read from disk as they are needed "
                    f"({splits.train.source.stat().st_size / 2**30:.1f} GiB; --stream {cfg.data.stream}); "
@@ -425,13 +438,14 @@ def train(
         count = len(named) if named else max(int(y.max()) for y in labelled) + 1
         if not named:
             seen = set(torch.cat([torch.unique(y) for y in labelled]).tolist())
-            unseen = sorted(set(range(count)) - seen)
-            if unseen:
-                occur = "never occurs" if len(unseen) == 1 else "never occur"
+            if len(seen) < count:  # (the labels may run up to 10**9: only the first few missing ones are listed)
+                missing = len(seen) < count - 1
+                unseen = list(itertools.islice((i for i in itertools.count() if i not in seen), 5))
                 raise DataError(f"{cfg.data.source}: labels run up to {count - 1}, so a conditional model would take "
-                                f"{count} classes, but {len(unseen)} of those labels {occur} (e.g. "
-                                f"{', '.join(map(str, unseen[:5]))}) and would stay untrained. Number the labels "
-                                "0..C-1 (y = numpy.unique(y, return_inverse=True)[1]).")
+                                f"{count} classes, but {count - len(seen)} of those labels "
+                                f"{'never occur' if missing else 'never occurs'} (e.g. {', '.join(map(str, unseen))}) "
+                                "and would stay untrained. Number the labels 0..C-1 "
+                                "(y = numpy.unique(y, return_inverse=True)[1]).")
         untrained = sorted(set(range(count)) - set(torch.unique(splits.train.y).tolist()))
         if untrained:
             typer.echo(f"note: no training example has label {', '.join(map(str, untrained[:5]))}"
@@ -444,6 +458,11 @@ def train(
         cfg = cfg.replace(model={"class_names": list(splits.train.classes)})  # `sample --label` takes them
     model = build(cfg.model, seed=cfg.train.seed).to(dev)
     has_checkpoint = (out / "state.safetensors").is_file()
+    if resume and not has_checkpoint and any((out / name).exists() for name in ("model.safetensors", "metrics.jsonl")):
+        raise RunError(f"{out} has trained epochs (model.safetensors, metrics.jsonl) but no state.safetensors, the "
+                       "checkpoint a resume continues from, so it cannot be resumed; training again would "
+                       f"overwrite them. Its weights still load (vaekit sample {out}, vaekit eval {out}); to train "
+                       "more, start a new run with another --out.")
     if resume and not has_checkpoint:
         typer.echo(f"{out} has no checkpoint yet (it stopped before writing its first one); training it again "
                    "from the start with its config.json.", err=True)
@@ -499,8 +518,6 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None, data: O
 
     data: instead, the examples of that file or folder, checked against the model, named "of_" + its stem.
     """
-    from vaekit.data import load_splits
-
     if split is not None and split not in ("train", "valid", "test"):
         raise ConfigError(f"--split must be train, valid or test; got '{split}'.")
     cfg = runs.load_config(run)
@@ -510,12 +527,7 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None, data: O
         ds = _new_data(cfg, data)
         name = "of_" + Path(data).expanduser().resolve().stem  # codes_of_NAME.npz: no split's file is overwritten
         return cfg, (ds if limit is None else ds.take(slice(0, limit))), name
-    source = cfg.data.source
-    if source != "mnist" and not Path(source).expanduser().exists():
-        raise ConfigError(f"{run} was trained on '{source}', which is not found from here (a relative path is "
-                          f"relative to the folder the run was trained in); run from there, or set data.source "
-                          f"in {Path(run) / 'config.json'} to the data's path.")
-    splits = load_splits(cfg.data)
+    splits = _run_splits(run, cfg)
     _same_shape(run, cfg, splits.train)
     if split is None:
         split = "test" if splits.test is not None else "valid"
@@ -525,6 +537,18 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None, data: O
     if limit is not None:
         ds = ds.take(slice(0, limit))
     return cfg, ds, split
+
+
+def _run_splits(run: Path, cfg: RunConfig):
+    """The splits of the data a run was trained on, or a clear error if that data is no longer found."""
+    from vaekit.data import load_splits
+
+    source = cfg.data.source
+    if source != "mnist" and not Path(source).expanduser().exists():
+        raise ConfigError(f"{run} was trained on '{source}', which is not found from here (a relative path is "
+                          f"relative to the folder the run was trained in); run from there, or set data.source "
+                          f"in {Path(run) / 'config.json'} to the data's path.")
+    return load_splits(cfg.data)
 
 
 def _same_shape(run: Path, cfg: RunConfig, ds) -> None:
@@ -635,12 +659,15 @@ def _class_number(model: ModelConfig, label: str | None) -> int | str | None:
         return label  # a model without classes refuses any label (generate.sample says so)
     if label in model.class_names:  # a name wins over a number: subfolders 1, 2, 3 are classes 0, 1, 2
         return model.class_names.index(label)
+    named = f"or one of its classes' names: {', '.join(model.class_names)}" if model.class_names else \
+        "(this run's config.json records no class names)"
     try:
-        return int(label)
+        number = int(label)
     except ValueError:
-        named = f"or one of its classes' names: {', '.join(model.class_names)}" if model.class_names else \
-            "(this run's config.json records no class names)"
-        raise ConfigError(f"--label {label!r}: give a class number 0..{model.n_classes - 1} {named}.") from None
+        number = -1
+    if not 0 <= number < model.n_classes:
+        raise ConfigError(f"--label {label!r}: give a class number 0..{model.n_classes - 1} {named}.")
+    return number
 
 
 @app.command()
@@ -818,6 +845,9 @@ def eval_(
         raise VaekitError(f"--split must be valid or test, got '{split}'.")
     if k < 1 or (limit is not None and limit < 1):
         raise VaekitError("--k and --limit must be at least 1.")
+    if k > MAX_EVAL_K:
+        raise VaekitError(f"--k {k} is more than {MAX_EVAL_K:,} samples an image; the field's estimate uses 5000, "
+                          "and each tenfold costs tenfold the time while the bound tightens only slowly.")
     _check_seed(seed)
     scores = _out_file(scores, ".npz", run, data=data, overwrite=overwrite, option="--scores")
     cfg, ds, split = _split(run, split, limit, data)
@@ -858,18 +888,31 @@ def eval_(
     if scores is not None:
         _write_npz(scores, {"nll": per_image.numpy()} if ds.y is None else
                    {"nll": per_image.numpy(), "y": ds.y.numpy()})
-    if data is None:
-        summary_path = Path(run) / "summary.json"
-        summary = runs.read_json(summary_path, default={})
-        kept = summary.get(f"{split}_eval")
-        fuller = kept is not None and kept.get("k", 0) >= k and kept.get("n_images", 0) >= result["n_images"] \
-            and (kept.get("k"), kept.get("n_images")) != (k, result["n_images"])
-        if fuller:  # a quick look does not replace a more thorough result of the same weights
-            typer.echo(f"not recorded: {summary_path} keeps the {split} result with k = {kept['k']} over "
-                       f"{kept['n_images']} images, more than this one's.", err=True)
-        else:
-            runs.write_json(summary_path, {**summary, f"{split}_eval": result})
-            write_report(Path(run))
+    _show_eval(result, as_json, cfg, split, k, precision, data, scores)
+    if data is None:  # recorded after it is shown: a run folder one cannot write to loses no result
+        try:
+            _record_eval(Path(run), split, k, result)
+        except OSError as e:
+            raise RunError(f"the result above is not recorded: cannot write into {run} ({e.strerror}).") from None
+
+
+def _record_eval(run: Path, split: str, k: int, result: dict) -> None:
+    """The result into the run's summary.json and report, unless it keeps a fuller one of these weights."""
+    summary_path = run / "summary.json"
+    summary = runs.read_json(summary_path, default={})
+    kept = summary.get(f"{split}_eval")
+    fuller = kept is not None and kept.get("k", 0) >= k and kept.get("n_images", 0) >= result["n_images"] \
+        and (kept.get("k"), kept.get("n_images")) != (k, result["n_images"])
+    if fuller:  # a quick look does not replace a more thorough result of the same weights
+        typer.echo(f"not recorded: {summary_path} keeps the {split} result with k = {kept['k']} over "
+                   f"{kept['n_images']} images, more than this one's.", err=True)
+    else:
+        runs.write_json(summary_path, {**summary, f"{split}_eval": result})
+        write_report(run)
+
+
+def _show_eval(result: dict, as_json: bool, cfg: RunConfig, split: str, k: int, precision: str,
+               data: Optional[Path], scores: Optional[Path]) -> None:
     if as_json:
         typer.echo(runs.dumps(result))
         return
@@ -1065,11 +1108,17 @@ def version() -> None:
 
 # ----------------------------------------------------------------------------- entry point
 def _say_interrupted(argv: list[str]) -> None:
-    if argv[:1] == ["train"]:
-        typer.echo("interrupted: the epochs finished so far are saved; continue with the same "
-                   "`vaekit train --out ... --resume`.", err=True)
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--out=")] + \
+        [b for a, b in zip(argv, argv[1:]) if a == "--out"]
+    out = Path(given[-1]) if argv[:1] == ["train"] and given else None
+    if out is None or not (out / "config.json").is_file():
+        typer.echo("interrupted" + (": nothing was saved." if argv[:1] == ["train"] else "."), err=True)
+    elif (out / "state.safetensors").is_file():
+        typer.echo(f"interrupted: the run is saved up to its last checkpoint; continue it with `vaekit train --out "
+                   f"{out} --resume` (no other training flags: the run keeps its config).", err=True)
     else:
-        typer.echo("interrupted.", err=True)
+        typer.echo(f"interrupted before the first checkpoint; `vaekit train --out {out} --resume` starts the run "
+                   "again with its config.", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:

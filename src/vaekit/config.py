@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,6 +17,8 @@ from typing import Any, Literal
 from vaekit.errors import ConfigError
 
 FORMAT_VERSION = 1
+MAX_WIDTH = 2**20  # layer and latent sizes: larger ones are typos (a 784 × 2**20 layer alone holds 3 GB)
+MAX_K = 100_000  # samples of z per example in training
 
 Likelihood = Literal["bernoulli", "gaussian"]
 Activation = Literal["relu", "tanh", "elu", "softplus", "leaky_relu", "gelu", "silu"]
@@ -41,13 +44,12 @@ class ModelConfig:
     input_shape: tuple[int, ...] = (1, 28, 28)  # per-example shape, set from the data
 
     def check(self) -> None:
-        if self.latent_dim < 1:
-            raise ConfigError(f"latent_dim must be at least 1, got {self.latent_dim}.")
+        for name in ("latent_dim", "latent1_dim"):
+            if not 1 <= getattr(self, name) <= MAX_WIDTH:
+                raise ConfigError(f"{name} must be between 1 and {MAX_WIDTH:,}, got {getattr(self, name)}.")
         for name in ("hidden", "channels", "hidden2"):
-            if any(h < 1 for h in getattr(self, name)):
-                raise ConfigError(f"{name} sizes must be positive, got {list(getattr(self, name))}.")
-        if self.latent1_dim < 1:
-            raise ConfigError(f"latent1_dim must be at least 1, got {self.latent1_dim}.")
+            if any(not 1 <= h <= MAX_WIDTH for h in getattr(self, name)):
+                raise ConfigError(f"{name} sizes must be between 1 and {MAX_WIDTH:,}, got {list(getattr(self, name))}.")
         if self.n_classes < 0 or self.n_classes == 1:
             raise ConfigError(f"n_classes must be 0 (unconditional) or at least 2, got {self.n_classes}.")
         if len(self.class_names) > self.n_classes:
@@ -63,6 +65,9 @@ class ModelConfig:
                               "Use --set model.arch=mlp for flat vectors.")
         if self.sigma <= 0:
             raise ConfigError(f"sigma must be positive, got {self.sigma}.")
+        if self.learn_sigma and self.likelihood != "gaussian":
+            raise ConfigError("a learned σ belongs to the Gaussian likelihood; add --likelihood gaussian, or drop "
+                              "--sigma learned for the Bernoulli decoder (it has no σ).")
         if self.learn_sigma and not 0 < self.sigma_min <= self.sigma:
             raise ConfigError(f"sigma_min (the floor under a learned σ) must be positive and at most the initial "
                               f"sigma {self.sigma}; got {self.sigma_min}.")
@@ -153,8 +158,9 @@ class TrainConfig:
             raise ConfigError(f"adam_eps must be positive, got {self.adam_eps}.")
         if not 0 <= self.lr_min <= self.lr:
             raise ConfigError(f"lr_min must be between 0 and lr ({self.lr}), got {self.lr_min}.")
-        if self.k < 1:
-            raise ConfigError(f"k (importance samples) must be at least 1, got {self.k}.")
+        if not 1 <= self.k <= MAX_K:
+            raise ConfigError(f"k (samples of z per example) must be between 1 and {MAX_K:,}, got {self.k}. "
+                              "Burda et al. trained with k up to 50.")
         if self.objective == "norm-penalty" and self.k != 1:
             raise ConfigError(f"k = {self.k} has no meaning for the norm-penalty objective; drop --k.")
         if self.k_start < 0 or self.k_start_epochs < 0:
@@ -192,6 +198,9 @@ class TrainConfig:
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema is the decay of a moving average of the weights and must be in [0, 1) "
                               f"(0: off; 0.999 averages over about 1000 steps), got {self.ema}.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip is the largest gradient norm and must be positive (or unset), "
+                              f"got {self.grad_clip}.")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be at least 1 step (or unset), got {self.checkpoint_every}.")
 
@@ -313,6 +322,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{where}' must be a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"'{where}' must be a finite number, got {value!r}.")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

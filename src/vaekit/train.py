@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from vaekit import runs
 from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaekit.cpu import flush_denormals, keep_freed_memory
-from vaekit.data import Dataset, Splits, binarize, binarize_u8, check_unit_range
+from vaekit.data import Dataset, Splits, binarize, binarize_u8, check_unit_range, fingerprint
 from vaekit.distributions import noise_drawer, seeded
 from vaekit.errors import ConfigError, DataError, RunError
 from vaekit.models.common import fit_output_bias_
@@ -271,7 +271,7 @@ def load_state(run: Path, model, opt, gen: torch.Generator,
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise RunError(f"{path} is not a readable checkpoint ({e}); the run cannot be resumed. "
                        f"Train it again with a new --out.") from e
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    runs.load_matching(path, model, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     if ema is not None:
         averaged = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
         if not averaged:
@@ -287,6 +287,11 @@ def load_state(run: Path, model, opt, gen: torch.Generator,
     return state, {k: v for k, v in tensors.items() if k.startswith("epoch.")}
 
 
+def _fingerprints(splits: Splits) -> str:
+    """The training and validation data's fingerprints (vaekit.data.fingerprint): what a resume checks."""
+    return f"{fingerprint(splits.train)} {fingerprint(splits.valid)}"
+
+
 def _write_or_explain(run: Path, saved: dict | None, what: str, write: Callable[[], None]) -> None:
     """Run ``write``; turn an OSError (disk full, quota, I/O) into a RunError naming the last good checkpoint."""
     try:
@@ -300,8 +305,10 @@ def _write_or_explain(run: Path, saved: dict | None, what: str, write: Callable[
                 f"epoch {saved['epoch'] + 1}, step {saved['index']} of it"
             last = (f"The last good checkpoint ({where}) is intact in {run / 'state.safetensors'}; "
                     f"continue from it with `vaekit train --out {run} --resume`")
-        raise RunError(f"could not write {what} into {run}: {cause}. {last} once there is room "
-                       "(free some disk space first).") from e
+        remedy = ("once there is room (free some disk space first)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+                  "once you may write there (check the folder's permissions)"
+                  if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "once the cause is fixed")
+        raise RunError(f"could not write {what} into {run}: {cause}. {last} {remedy}.") from e
 
 
 @functools.cache
@@ -557,6 +564,9 @@ def fit(
             raise RunError(f"nothing to resume in {run}: it stopped before writing its first checkpoint "
                            "(state.safetensors); train it again from the start.")
         state, epoch_tensors = load_state(run, model, opt, gen, ema)
+        if "data" in state and state["data"] != _fingerprints(splits):  # (runs before 2026-12-07 record none)
+            raise DataError(f"the training data of {run} ({cfg.data.source}) has changed since the run began: its "
+                            f"examples or labels differ. Put the run's data back, or train a new run on this data.")
         state.setdefault("skipped_in_a_row", 0)
         if "best_valid_nelbo" in state:  # the name checkpoints before 2026-11-25 gave the selection score
             state["best_score"] = state.pop("best_valid_nelbo")
@@ -570,9 +580,14 @@ def fit(
                     f"config and data now give batch size {batch} on {n}; restore them to resume.")
             part.update(order=epoch_tensors["epoch.order"].to(device), sums=epoch_tensors["epoch.sums"].to(device))
         # Metrics of an epoch logged but not checkpointed before a crash are dropped; it is redone.
-        metrics = [m for m in runs.read_jsonl(run / "metrics.jsonl") if m["epoch"] <= state["epoch"]]
-        runs.write_jsonl(run / "metrics.jsonl", metrics)
+        logged = runs.read_jsonl(run / "metrics.jsonl")
+        metrics = [m for m in logged if m["epoch"] <= state["epoch"]]
+        if len(metrics) < len(logged):
+            _write_or_explain(run, {"epoch": state["epoch"], "index": None if part is None else part["index"]},
+                              "the metrics of the checkpointed epochs",
+                              lambda: runs.write_jsonl(run / "metrics.jsonl", metrics))
     else:
+        state["data"] = _fingerprints(splits)
         torch.manual_seed(tc.seed)  # the reparameterization noise
         if tc.output_bias == "data":
             fit_output_bias_(model, data.mean())
