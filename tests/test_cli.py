@@ -756,3 +756,12 @@ def test_the_console_shows_a_user_warning_as_one_plain_line():
                           "warnings.warn(...)") == "warning: --compile failed; training without it.\n"
     other = _plain_warning("old", DeprecationWarning, "x.py", 3, "")
     assert "DeprecationWarning" in other and "x.py:3" in other
+
+
+def test_a_config_file_without_binarize_takes_the_default_of_the_data(tmp_path, npz):
+    from vaekit import runs
+
+    given = tmp_path / "c.json"
+    given.write_text('{"model": {"latent_dim": 2}}')
+    assert main(train_args(tmp_path / "run", npz, "--config", str(given))) == 0
+    assert runs.load_config(tmp_path / "run").data.binarize == "none"  # grey data of one's own: as it is

@@ -715,3 +715,17 @@ def test_binarize_u8_draws_bernoulli_of_value_over_255():
     # seeded: the same generator state gives the same draw
     assert torch.equal(binarize_u8(x[:3], torch.Generator().manual_seed(5)),
                        binarize_u8(x[:3], torch.Generator().manual_seed(5)))
+
+
+def test_fingerprint_reads_evenly_spaced_rows_of_any_size():
+    """Integer row indices: the first and last example are in it, and a set past 2**24 examples (where float32
+    positions round past the end) works."""
+    n = 2**24 + 4
+    x = np.zeros((n, 1), np.uint8)
+    before = data.fingerprint(data.from_arrays(x))
+    x[-1] = 1
+    assert data.fingerprint(data.from_arrays(x)) != before
+    small = np.arange(10, dtype=np.uint8).reshape(10, 1)
+    ds = data.from_arrays(small, y=np.zeros(10, int))
+    assert data.fingerprint(ds) != data.fingerprint(data.from_arrays(small, y=np.ones(10, int)))
+    assert data.fingerprint(ds, labels=False) == data.fingerprint(data.from_arrays(small), labels=False)

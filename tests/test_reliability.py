@@ -245,6 +245,7 @@ def _write_inputs(tmp: Path) -> None:
     (tmp / "latin1.json").write_bytes('{"train": {"lr": 0.001}, "preset": "é"}'.encode("latin-1"))
     x = np.zeros((20, 8, 8), np.uint8)
     np.savez(tmp / "far_labels.npz", x=x, y=np.r_[np.arange(19), 10**9])  # labels 0..18 and one of 10**9
+    np.savez(tmp / "gap_labels.npz", x=x, y=np.r_[np.zeros(10, int), np.ones(9, int), 3])  # labels 0, 1 and 3
 
 
 def _corrupt_mnist_cache(truncate: bool) -> None:
@@ -278,11 +279,13 @@ BAD_INPUTS = {
     "NaN free bits": (["--data", "{npz}", "--free-bits", "nan"], ["'train.free_bits'", "finite"]),
     "negative gradient clip": (["--data", "{npz}", "--set", "train.grad_clip=-1"], ["grad_clip", "positive"]),
     "σ for a Bernoulli decoder": (["--data", "{npz}", "--sigma", "0.5"], ["--sigma", "--likelihood gaussian"]),
-    "learned σ for a Bernoulli decoder": (["--data", "{npz}", "--sigma", "learned"], ["learned σ",
+    "learned σ for a Bernoulli decoder": (["--data", "{npz}", "--sigma", "learned"], ["--sigma learned",
                                                                                         "--likelihood gaussian"]),
     "labels up to 10**9 for a conditional model": (["--data", "{tmp}/far_labels.npz", "--conditional",
                                                     "--batch-size", "4"],
                                                    ["labels run up to 1000000000", "never occur", "0..C-1"]),
+    "a label missing below the largest": (["--data", "{tmp}/gap_labels.npz", "--conditional", "--batch-size", "4"],
+                                          ["labels run up to 3", "1 of those labels never occurs (e.g. 2)"]),
     "--config not UTF-8": (["--data", "{npz}", "--config", "{tmp}/latin1.json"], ["latin1.json", "not valid JSON"]),
     "--config a folder": (["--data", "{npz}", "--config", "{tmp}"], ["is a folder", "config.json"]),
     "zero batch size": (["--data", "{npz}", "--batch-size", "0"], ["batch_size", "at least 1"]),
@@ -448,9 +451,32 @@ def test_resume_on_other_data_of_the_same_shape_is_refused(tmp_path, capsys):
     assert main(train_args(run, data)) == 0
     x[150] = 255 - x[150]  # one example changed (under 1024 examples, each is in the fingerprint)
     np.savez(data, x=x, y=y)
+    config = (run / "config.json").read_bytes()
     assert main([*resume_args(run), "--epochs", "2"]) == 2
     err = capsys.readouterr().err
     assert "has changed since the run began" in err and "Traceback" not in err
+    assert [m["epoch"] for m in runs.read_jsonl(run / "metrics.jsonl")] == [1]
+    assert (run / "config.json").read_bytes() == config  # the refused --epochs 2 is not recorded
+
+
+def test_resume_of_an_unconditional_run_ignores_its_data_gaining_labels(tmp_path, capsys):
+    data = tmp_path / "data.npz"
+    x, y = blobs(300)
+    np.savez(data, x=x)
+    run = tmp_path / "run"
+    assert main(train_args(run, data)) == 0
+    np.savez(data, x=x, y=y)  # the model reads no labels: the same data for it
+    assert main([*resume_args(run), "--epochs", "2"]) == 0
+    assert runs.load_config(run).train.epochs == 2
+
+
+def test_resume_after_a_stop_while_writing_the_first_checkpoint_starts_again(tmp_path, npz, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, npz)) == 0
+    for name in ("state.safetensors", "summary.json"):  # as if stopped before the commit point of epoch 1
+        (run / name).unlink()
+    assert main(resume_args(run)) == 0
+    assert "no checkpoint yet" in capsys.readouterr().err
     assert [m["epoch"] for m in runs.read_jsonl(run / "metrics.jsonl")] == [1]
 
 

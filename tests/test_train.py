@@ -782,6 +782,10 @@ def test_fit_writes_a_run_that_load_rebuilds_and_checks_its_data(tmp_path):
     model = build(cfg.model, seed=0)
     fit(model, cfg, toy_splits(), str(tmp_path / "run"), progress=False)  # a str path is fine
     assert runs.load_config(tmp_path / "run") == cfg
+    other = cfg.replace(model={"activation": "tanh"})  # trained anew into the same folder: its config goes too
+    fit(build(other.model, seed=0), other, toy_splits(), tmp_path / "run", progress=False)
+    assert runs.load_config(tmp_path / "run") == other
+    fit(model, cfg, toy_splits(), tmp_path / "run", progress=False)
     loaded = vaekit.load(tmp_path / "run", which="last")
     x = toy_splits().valid.float()
     assert torch.equal(loaded.encode(x).mean, model.eval().encode(x).mean)

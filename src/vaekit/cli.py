@@ -134,8 +134,8 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def _extended(run: Path, cfg: RunConfig, epochs: int) -> RunConfig:
-    """The run's config with a new epoch budget, for --resume --epochs N (config.json is rewritten by the
-    caller, once the data has passed its checks)."""
+    """The run's config with a new epoch budget, for --resume --epochs N (fit rewrites config.json once the
+    checkpoint and the data have passed its checks)."""
     done = len(runs.read_jsonl(run / "metrics.jsonl")) if (run / "metrics.jsonl").is_file() else 0
     if epochs < max(done, 1):
         raise ConfigError(f"{run} has trained {done} epochs already; --epochs must be at least that to resume it.")
@@ -358,6 +358,7 @@ def train(
             cfg = _extended(out, cfg, epochs)
     else:
         base: dict[str, Any] = RunConfig().to_dict()
+        given_binarize = None  # as --config gives it (a run's own config.json always does)
         if config_file is not None:
             if not config_file.is_file():
                 raise ConfigError(f"--config {config_file} " + ("is a folder; give the config.json in it."
@@ -369,6 +370,8 @@ def train(
             if not isinstance(given, dict):
                 raise ConfigError(f"--config {config_file} must hold a JSON object of config sections.")
             given.pop("vaekit_version", None)  # a run's own config.json is a fine start for a new run
+            section = given.get("data")
+            given_binarize = section.get("binarize") if isinstance(section, dict) else None
             base = merge(base, RunConfig.from_dict(given).to_dict())
         if preset_name:
             base = merge(base, {**preset(preset_name), "preset": preset_name})
@@ -392,7 +395,7 @@ def train(
         flags = {s: {k: v for k, v in d.items() if v is not None} for s, d in flags.items()}
         overrides = _parse_set(set_)
         merged = merge(merge(base, flags), overrides)
-        chosen = binarize or overrides.get("data", {}).get("binarize") or config_file or \
+        chosen = binarize or overrides.get("data", {}).get("binarize") or given_binarize or \
             (preset_name and preset(preset_name).get("data", {}).get("binarize"))
         if not chosen:
             merged["data"]["binarize"] = None  # RunConfig fills in the default for the data and decoder
@@ -440,7 +443,7 @@ def train(
             seen = set(torch.cat([torch.unique(y) for y in labelled]).tolist())
             if len(seen) < count:  # (the labels may run up to 10**9: only the first few missing ones are listed)
                 missing = len(seen) < count - 1
-                unseen = list(itertools.islice((i for i in itertools.count() if i not in seen), 5))
+                unseen = list(itertools.islice((i for i in range(count) if i not in seen), 5))
                 raise DataError(f"{cfg.data.source}: labels run up to {count - 1}, so a conditional model would take "
                                 f"{count} classes, but {count - len(seen)} of those labels "
                                 f"{'never occur' if missing else 'never occurs'} (e.g. {', '.join(map(str, unseen))}) "
@@ -458,7 +461,10 @@ def train(
         cfg = cfg.replace(model={"class_names": list(splits.train.classes)})  # `sample --label` takes them
     model = build(cfg.model, seed=cfg.train.seed).to(dev)
     has_checkpoint = (out / "state.safetensors").is_file()
-    if resume and not has_checkpoint and any((out / name).exists() for name in ("model.safetensors", "metrics.jsonl")):
+    # Files of a first epoch whose checkpoint was never committed (the process stopped while writing it)
+    # are redone; a run that finished (summary.json) or checkpointed more than one epoch has lost its state.
+    if resume and not has_checkpoint and ((out / "summary.json").exists()
+                                          or len(runs.read_jsonl(out / "metrics.jsonl")) > 1):
         raise RunError(f"{out} has trained epochs (model.safetensors, metrics.jsonl) but no state.safetensors, the "
                        "checkpoint a resume continues from, so it cannot be resumed; training again would "
                        f"overwrite them. Its weights still load (vaekit sample {out}, vaekit eval {out}); to train "
@@ -479,8 +485,6 @@ def train(
     if not resume and cfg.train.grad_samples >= cfg.train.k > 1:
         typer.echo(f"note: --grad-samples {cfg.train.grad_samples} is not fewer than k = {cfg.train.k}, so every "
                    "sample is backpropagated, as with 0.", err=True)
-    if resume and cfg != runs.load_config(out):
-        runs.save_config(out, cfg)  # --epochs N: the new budget, now that the data has passed its checks
     created = None if resume else runs.create_run(out, cfg)
     t0 = time.perf_counter()
     try:
@@ -1115,7 +1119,7 @@ def _say_interrupted(argv: list[str]) -> None:
         typer.echo("interrupted" + (": nothing was saved." if argv[:1] == ["train"] else "."), err=True)
     elif (out / "state.safetensors").is_file():
         typer.echo(f"interrupted: the run is saved up to its last checkpoint; continue it with `vaekit train --out "
-                   f"{out} --resume` (no other training flags: the run keeps its config).", err=True)
+                   f"{out} --resume` (the run keeps its config: flags that would change it are refused).", err=True)
     else:
         typer.echo(f"interrupted before the first checkpoint; `vaekit train --out {out} --resume` starts the run "
                    "again with its config.", err=True)

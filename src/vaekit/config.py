@@ -65,9 +65,6 @@ class ModelConfig:
                               "Use --set model.arch=mlp for flat vectors.")
         if self.sigma <= 0:
             raise ConfigError(f"sigma must be positive, got {self.sigma}.")
-        if self.learn_sigma and self.likelihood != "gaussian":
-            raise ConfigError("a learned σ belongs to the Gaussian likelihood; add --likelihood gaussian, or drop "
-                              "--sigma learned for the Bernoulli decoder (it has no σ).")
         if self.learn_sigma and not 0 < self.sigma_min <= self.sigma:
             raise ConfigError(f"sigma_min (the floor under a learned σ) must be positive and at most the initial "
                               f"sigma {self.sigma}; got {self.sigma_min}.")
@@ -198,7 +195,7 @@ class TrainConfig:
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema is the decay of a moving average of the weights and must be in [0, 1) "
                               f"(0: off; 0.999 averages over about 1000 steps), got {self.ema}.")
-        if self.grad_clip is not None and not self.grad_clip > 0:
+        if self.grad_clip is not None and self.grad_clip < 0:  # (0, like unset, clips nothing)
             raise ConfigError(f"grad_clip is the largest gradient norm and must be positive (or unset), "
                               f"got {self.grad_clip}.")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:

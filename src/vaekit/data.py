@@ -430,9 +430,10 @@ def load_path(path: Path, stream: str = "auto") -> Dataset:
         if path.suffix == ".npy":
             return Dataset(_as_examples(np.load(path, allow_pickle=False), str(path)), None, path.stem)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:  # numpy's errors for bad files
-        why = ("it is not a numpy array file (numpy would read it as pickled Python objects, which vaekit never "
-               "loads)" if "pickle" in str(e) else str(e))
-        raise DataError(f"{path}: cannot read the array ({why}); re-save it with numpy.save or numpy.savez.") from e
+        why = ("it holds pickled Python objects (an object array, or not a numpy file at all), which vaekit never "
+               "loads; re-save it as one numeric array, e.g. numpy.save(path, numpy.stack(images))" if "pickle" in str(e)
+               else f"{e}; re-save it with numpy.save or numpy.savez")
+        raise DataError(f"{path}: cannot read the array ({why}).") from e
     if _is_idx_name(path.name):
         return _load_idx(path)
     raise DataError(f"{path}: unsupported file type '{path.suffix}'; accepted: {ACCEPTED}.")
@@ -705,7 +706,7 @@ def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0
         if not Path(spec).expanduser().exists():
             raise DataError(f"'{spec}' is neither a known data set ('mnist') nor an existing path; "
                             f"accepted paths: {ACCEPTED}.")
-        parts = split(load_path(Path(spec), stream), valid_fraction, split_seed)
+        parts = split(load_path(Path(spec), stream), valid_fraction, split_seed, where=spec)
         train, valid, test = parts.train, parts.valid, parts.test
     if subset is not None:
         if subset > len(train):
@@ -723,28 +724,31 @@ def from_arrays(x, y=None, name: str = "arrays") -> Dataset:
     return Dataset(_as_examples(x, name), labels, name)
 
 
-def split(ds: Dataset, valid_fraction: float = 0.1, seed: int = 0) -> Splits:
-    """Train and validation splits of ds by a seeded permutation (no test split), as `load_data` splits a file."""
+def split(ds: Dataset, valid_fraction: float = 0.1, seed: int = 0, where: str | None = None) -> Splits:
+    """Train and validation splits of ds by a seeded permutation (no test split), as `load_data` splits a file
+    (``where``: how messages name the data; default its name)."""
     n_valid = round(len(ds) * valid_fraction)
     if n_valid < 1 or n_valid >= len(ds):
-        raise DataError(f"{ds.name}: valid_fraction {valid_fraction} of {len(ds)} examples leaves "
+        raise DataError(f"{where or ds.name}: valid_fraction {valid_fraction} of {len(ds)} examples leaves "
                         f"{n_valid} for validation and {len(ds) - n_valid} for training; each "
-                        "needs at least one. Change it (--set data.valid_fraction=F) or add data.")
+                        "needs at least one. Change valid_fraction (`--set data.valid_fraction=F` on the command "
+                        "line) or add data.")
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
     train = replace(ds.take(perm[n_valid:]), name=f"{ds.name}-train")
     valid = replace(ds.take(perm[:n_valid]).in_memory(), name=f"{ds.name}-valid")
     return Splits(train, valid, None)
 
 
-def fingerprint(ds: Dataset, examples: int = 1024) -> str:
-    """A sha256 of ds's size, shape, type, labels and up to ``examples`` evenly spaced examples: what a
-    resumed run checks to know it trains on the data it began on, without reading a streamed file whole."""
+def fingerprint(ds: Dataset, examples: int = 1024, labels: bool = True) -> str:
+    """A sha256 of ds's size, shape, type, labels (if ``labels``) and up to ``examples`` evenly spaced examples:
+    what a resumed run checks to know it trains on the data it began on, without reading a streamed file whole."""
     h = hashlib.sha256(repr((len(ds), ds.shape)).encode())
-    idx = torch.linspace(0, len(ds) - 1, min(examples, len(ds))).round().long()
+    m = min(examples, len(ds))
+    idx = torch.arange(m) * (len(ds) - 1) // max(m - 1, 1)  # integers: the same rows on every machine
     x = ds.examples(idx)
     h.update(str(x.dtype).encode())
     h.update(x.contiguous().numpy().tobytes())
-    if ds.y is not None:
+    if labels and ds.y is not None:
         h.update(ds.y.contiguous().numpy().tobytes())
     return h.hexdigest()
 

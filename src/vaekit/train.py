@@ -287,9 +287,11 @@ def load_state(run: Path, model, opt, gen: torch.Generator,
     return state, {k: v for k, v in tensors.items() if k.startswith("epoch.")}
 
 
-def _fingerprints(splits: Splits) -> str:
-    """The training and validation data's fingerprints (vaekit.data.fingerprint): what a resume checks."""
-    return f"{fingerprint(splits.train)} {fingerprint(splits.valid)}"
+def _fingerprints(splits: Splits, cfg: RunConfig) -> str:
+    """The training and validation data's fingerprints (vaekit.data.fingerprint), labels included only for a
+    model that reads them: what a resume checks."""
+    labels = cfg.model.n_classes > 0
+    return f"{fingerprint(splits.train, labels=labels)} {fingerprint(splits.valid, labels=labels)}"
 
 
 def _write_or_explain(run: Path, saved: dict | None, what: str, write: Callable[[], None]) -> None:
@@ -557,16 +559,18 @@ def fit(
         run = Path(run)
         run.mkdir(parents=True, exist_ok=True)
         runs.remove_temp_files(run)  # left by a process killed while writing
-        if not (run / "config.json").is_file():  # so vaekit.load can rebuild the model from the directory
+        if not resume:  # so vaekit.load rebuilds this model from the directory (a resume writes it below)
             runs.save_config(run, cfg)
     if resume:
         if run is None or not (run / "state.safetensors").is_file():
             raise RunError(f"nothing to resume in {run}: it stopped before writing its first checkpoint "
                            "(state.safetensors); train it again from the start.")
         state, epoch_tensors = load_state(run, model, opt, gen, ema)
-        if "data" in state and state["data"] != _fingerprints(splits):  # (runs before 2026-12-07 record none)
+        if "data" in state and state["data"] != _fingerprints(splits, cfg):  # (runs before 2026-12-07 record none)
             raise DataError(f"the training data of {run} ({cfg.data.source}) has changed since the run began: its "
                             f"examples or labels differ. Put the run's data back, or train a new run on this data.")
+        if cfg != runs.load_config(run):  # e.g. `--resume --epochs N`: written once the checks above have passed
+            runs.save_config(run, cfg)
         state.setdefault("skipped_in_a_row", 0)
         if "best_valid_nelbo" in state:  # the name checkpoints before 2026-11-25 gave the selection score
             state["best_score"] = state.pop("best_valid_nelbo")
@@ -587,7 +591,7 @@ def fit(
                               "the metrics of the checkpointed epochs",
                               lambda: runs.write_jsonl(run / "metrics.jsonl", metrics))
     else:
-        state["data"] = _fingerprints(splits)
+        state["data"] = _fingerprints(splits, cfg)
         torch.manual_seed(tc.seed)  # the reparameterization noise
         if tc.output_bias == "data":
             fit_output_bias_(model, data.mean())
