@@ -514,9 +514,10 @@ def fit(
 
     The metrics are one dict an epoch: train_* and valid_* means per example, in nats
     (valid_nelbo is the validation −ELBO), and the epoch's seconds. ``run``, a directory, gets
-    config.json (unless it has one), the weights (model.safetensors: the best validation epoch;
-    last.safetensors), metrics.jsonl and the checkpoint state.safetensors; `vaekit.load(run)`
-    rebuilds the model from it. ``model`` stays in training mode.
+    config.json (``cfg``; a resume rewrites it only once the checkpoint and the data pass their
+    checks), the weights (model.safetensors: the best validation epoch; last.safetensors),
+    metrics.jsonl and the checkpoint state.safetensors; `vaekit.load(run)` rebuilds the model
+    from it. ``model`` stays in training mode.
 
     A checkpoint is written at the end of every epoch and, if ``cfg.train.checkpoint_every``
     is set, every that many steps. ``resume=True`` continues from the last one bitwise
