@@ -59,6 +59,19 @@ def test_pickle_in_place_of_weights_is_refused_without_executing(tmp_path):
     assert not os.path.exists(MARKER)
 
 
+def test_damaged_best_weights_point_to_the_last_epochs(tmp_path):
+    cfg = RunConfig(model=ModelConfig(latent_dim=2, hidden=(4,), input_shape=(3,)))
+    runs.save_config(tmp_path, cfg)
+    model = build(cfg.model, seed=0)
+    runs.save_weights(tmp_path / "last.safetensors", model)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 20)  # e.g. truncated by a failing disk
+    with pytest.raises(RunError, match="last.safetensors holds the weights of the last epoch"):
+        runs.load(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "last.safetensors").read_bytes())  # as it says
+    loaded = runs.load(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
 def test_missing_and_foreign_directories(tmp_path):
     with pytest.raises(RunError, match="does not exist"):
         runs.load(tmp_path / "nope")

@@ -243,7 +243,10 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     try:
         state = load_file(str(path), device=str(next(model.parameters()).device))
     except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise RunError(f"{path} is not a readable safetensors file ({e}); the checkpoint is damaged.") from e
+        last = Path(path).with_name("last.safetensors")
+        fix = (f" {last} holds the weights of the last epoch trained: to use those, copy it over {Path(path).name}."
+               if Path(path).name == "model.safetensors" and last.is_file() else "")
+        raise RunError(f"{path} is not a readable safetensors file ({e}); the checkpoint is damaged.{fix}") from e
     load_matching(path, model, state)
 
 
