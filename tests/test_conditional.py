@@ -154,7 +154,7 @@ def labelled_npz(tmp_path):
     return path
 
 
-def test_cli_conditional_run_samples_a_chosen_label(labelled_npz, tmp_path):
+def test_cli_conditional_run_samples_a_chosen_label(labelled_npz, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--data", str(labelled_npz), "--conditional", "--latent-dim", "2",
                  "--hidden", "32", "--epochs", "2", "--batch-size", "50", "--no-progress"]) == 0
@@ -170,7 +170,9 @@ def test_cli_conditional_run_samples_a_chosen_label(labelled_npz, tmp_path):
                                                                               bbox_inches="tight", format="png")
     assert (tmp_path / "two.png").read_bytes() == expected.read_bytes()
     assert main(["sample", str(run), "--label", "7"]) == 2
+    capsys.readouterr()
     assert main(["sample", str(run), "--label", "99999999999999999999"]) == 2  # no integer overflow
+    assert "give a class number 0..2" in capsys.readouterr().err
     assert main(["sample", str(run), "--label", "two"]) == 2  # this data names no classes
     assert main(["eval", str(run), "--k", "5", "--split", "valid", "--json", "--no-progress"]) == 0
     assert "p(x|y)" in json.loads((run / "summary.json").read_text())["valid_eval"]["note"]
