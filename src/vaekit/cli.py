@@ -24,9 +24,9 @@ import typer
 from vaekit import __version__, runs
 from vaekit.config import (MAX_SEED, PRESET_SOURCES, PRESETS, Activation, ModelConfig, RunConfig, TrainConfig, merge,
                            preset)
+from vaekit.errors import ConfigError, DataError, RunError, VaekitError
 
 _TRAIN = TrainConfig()  # the defaults --help names
-from vaekit.errors import ConfigError, DataError, RunError, VaekitError
 
 app = typer.Typer(
     help="Variational autoencoders: train, sample, reconstruct, encode, interpolate, evaluate log p(x), plot "
@@ -442,11 +442,11 @@ def train(
         if not named:
             seen = set(torch.cat([torch.unique(y) for y in labelled]).tolist())
             if len(seen) < count:  # (the labels may run up to 10**9: only the first few missing ones are listed)
-                missing = len(seen) < count - 1
+                several = len(seen) < count - 1
                 unseen = list(itertools.islice((i for i in range(count) if i not in seen), 5))
                 raise DataError(f"{cfg.data.source}: labels run up to {count - 1}, so a conditional model would take "
                                 f"{count} classes, but {count - len(seen)} of those labels "
-                                f"{'never occur' if missing else 'never occurs'} (e.g. {', '.join(map(str, unseen))}) "
+                                f"{'never occur' if several else 'never occurs'} (e.g. {', '.join(map(str, unseen))}) "
                                 "and would stay untrained. Number the labels 0..C-1 "
                                 "(y = numpy.unique(y, return_inverse=True)[1]).")
         untrained = sorted(set(range(count)) - set(torch.unique(splits.train.y).tolist()))
@@ -1029,13 +1029,12 @@ def _rate_distortion_points(points: list[tuple[str, RunConfig, str, dict]]) -> t
     decoder beside a Bernoulli one, other data or binarization, a conditional model, whose bound is
     on log p(x|y)) are left out and named, as are runs not yet evaluated.
     """
-    kind = _measured_as
     shown, unevaluated, unlike, first = [], [], [], None  # first: the (config, split) the others must match
     for name, cfg, split, about in points:
         rate, distortion = about.get("kl"), about.get("recon")
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (rate, distortion)):
             unevaluated.append(name)
-        elif first is None or kind(cfg, split) == kind(*first):
+        elif first is None or _measured_as(cfg, split) == _measured_as(*first):
             first = first or (cfg, split)
             shown.append((f"{name} (z={cfg.model.latent_dim})", rate, distortion))
         else:

@@ -719,8 +719,11 @@ def load_data(spec: str, *, subset: int | None = None, valid_fraction: float = 0
 def from_arrays(x, y=None, name: str = "arrays") -> Dataset:
     """A Dataset from arrays in memory (numpy or torch), read as a file of them would be: x shaped (N, H, W),
     (N, C, H, W) or (N, D), uint8 (value/255) or other numbers (as float32); y optional integer labels."""
-    x = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
-    labels = None if y is None else _as_labels(np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y), len(x), name)
+    def as_numpy(a) -> np.ndarray:
+        return np.asarray(a.cpu() if isinstance(a, torch.Tensor) else a)
+
+    x = as_numpy(x)
+    labels = None if y is None else _as_labels(as_numpy(y), len(x), name)
     return Dataset(_as_examples(x, name), labels, name)
 
 

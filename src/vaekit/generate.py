@@ -65,7 +65,8 @@ def encode_mean(model, x: torch.Tensor, batch_size: int = 1000, y: torch.Tensor 
     """E_q[z|x] for each x: the code to use downstream. (N, *shape) -> (N, D)."""
     dev = _device(model)
     return torch.cat([
-        encode(model, as_input(model, x[i : i + batch_size]).to(dev), _on(None if y is None else y[i : i + batch_size], dev)).mean.cpu()
+        encode(model, as_input(model, x[i : i + batch_size]).to(dev),
+               _on(None if y is None else y[i : i + batch_size], dev)).mean.cpu()
         for i in range(0, len(x), batch_size)
     ])
 

@@ -87,9 +87,7 @@ def check_images(x: torch.Tensor, input_shape: tuple[int, ...], exact: bool = Fa
     data once, before the loop)."""
     if torch.compiler.is_compiling():
         return
-    if not isinstance(x, torch.Tensor):
-        raise ConfigError(f"this model takes a torch tensor of images; got {type(x).__module__}.{type(x).__name__}. "
-                          "Convert it first, e.g. torch.as_tensor(x, dtype=torch.float32).")
+    _require_tensor(x)
     shape, n = tuple(input_shape), len(input_shape)
     if tuple(x.shape[-n:]) != shape or x.dim() < n + 1 or (exact and x.dim() != n + 1):
         raise ConfigError(f"this model takes a batch of images of shape (B, {', '.join(map(str, shape))}); got "
@@ -105,13 +103,17 @@ def check_images(x: torch.Tensor, input_shape: tuple[int, ...], exact: bool = Fa
                           f"x.to('{like.device}').")
 
 
+def _require_tensor(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"vaekit takes a torch tensor of images; got {type(x).__module__}.{type(x).__name__}. "
+                          "Convert it first, e.g. torch.as_tensor(x, dtype=torch.float32).")
+
+
 def as_input(model, x) -> torch.Tensor:
     """x as the helpers of vaekit.generate and vaekit.evaluate take it: a tensor, uint8 pixels read as
     value/255 (as the data loader reads them), values in [0, 1] under a Bernoulli decoder. ConfigError
     otherwise: images scaled 0..255 as floats would give NaN log-likelihoods and meaningless codes."""
-    if not isinstance(x, torch.Tensor):
-        raise ConfigError(f"vaekit takes a torch tensor of images; got {type(x).__module__}.{type(x).__name__}. "
-                          "Convert it first, e.g. torch.as_tensor(x, dtype=torch.float32).")
+    _require_tensor(x)
     if x.dtype == torch.uint8:
         return x.float().div_(255)
     cfg = getattr(model, "cfg", None)  # a vaekit model's ModelConfig (a hand-made model may have none)
