@@ -216,6 +216,7 @@ def test_resume_continues_a_run(tmp_path, npz):
     (["train", "--out", "{tmp}/r", "--data", "{npz}", "--set", "model.latnt=2"], ["model.latnt"]),
     (["train", "--out", "{tmp}/r", "--data", "{npz}", "--hidden", "a,b"], ["--hidden"]),
     (["train", "--out", "{tmp}/r", "--data", "{npz}", "--hidden", ""], ["--hidden", "got ''"]),
+    (["train", "--out", "{tmp}/r", "--data", "{npz}", "--hidden", "256,,128"], ["--hidden", "got '256,,128'"]),
     (["train", "--out", "{tmp}/r", "--data", "{npz}", "--preset", "nope"], ["preset"]),
     (["eval", "{tmp}/no-such-run"], ["does not exist"]),
     (["sample", "{tmp}/model.pt"], ["pickle"]),

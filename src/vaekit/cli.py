@@ -97,8 +97,8 @@ ENCODE_PART = 10_000  # `encode` reads a streamed split this many examples at a 
 
 def _parse_hidden(text: str) -> list[int]:
     try:
-        sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError:
+        sizes = [int(s) for s in text.replace(" ", "").split(",")]
+    except ValueError:  # a word, or an empty part as in '256,,128' or '512,'
         sizes = []
     if not sizes:
         raise ConfigError(f"--hidden takes comma-separated layer sizes like 512,256; got '{text}'.")
