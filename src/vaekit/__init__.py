@@ -16,11 +16,32 @@ Training from Python (README.md, "From Python"):
 
 __version__ = "0.1.0"
 
-from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from vaekit.data import from_arrays, split  # noqa: E402
-from vaekit.models import build  # noqa: E402
-from vaekit.runs import load  # noqa: E402
-from vaekit.train import fit  # noqa: E402
+from typing import TYPE_CHECKING
 
-__all__ = ["DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "build", "fit", "from_arrays", "load", "split",
-           "__version__"]
+# The exports load on first use (PEP 562), so `import vaekit` is quick and does not load torch:
+# the `vaekit` command (vaekit.__main__) imports its parts inside a handler for Ctrl-C.
+_EXPORTS = {"DataConfig": "vaekit.config", "ModelConfig": "vaekit.config", "RunConfig": "vaekit.config",
+            "TrainConfig": "vaekit.config", "from_arrays": "vaekit.data", "split": "vaekit.data",
+            "build": "vaekit.models", "load": "vaekit.runs", "fit": "vaekit.train"}
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+if TYPE_CHECKING:  # for type checkers and editors, which do not run __getattr__
+    from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from vaekit.data import from_arrays, split
+    from vaekit.models import build
+    from vaekit.runs import load
+    from vaekit.train import fit
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vaekit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1109,6 +1109,20 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print the vaekit version and exit."),
+) -> None:
+    pass  # the options of `vaekit` itself; its help is the Typer app's
+
+
 # ----------------------------------------------------------------------------- entry point
 def _say_interrupted(argv: list[str]) -> None:
     given = [a.split("=", 1)[1] for a in argv if a.startswith("--out=")] + \
