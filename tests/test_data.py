@@ -194,10 +194,13 @@ def test_corrupt_npy(tmp_path):
         load_path(tmp_path / "c.npy")
 
 
-def test_unknown_extension_and_missing(tmp_path):
-    (tmp_path / "d.csv").write_text("1,2\n")
-    with pytest.raises(DataError, match=r"unsupported file type '\.csv'.*\.npz.*\.npy.*IDX.*PNG"):
-        load_path(tmp_path / "d.csv")
+@pytest.mark.parametrize("name, todo", [
+    ("d.csv", "numpy.loadtxt"), ("d.pt", "pickled"), ("d.zip", "unpack"), ("d.h5", "numpy.save"),
+])
+def test_unknown_extension_and_missing(tmp_path, name, todo):
+    (tmp_path / name).write_text("1,2\n")
+    with pytest.raises(DataError, match=rf"unsupported file type '\.{name[2:]}'; [^.]*{todo}.*\.npz.*\.npy.*IDX.*PNG"):
+        load_path(tmp_path / name)
     with pytest.raises(DataError, match="no such file or folder; accepted"):
         load_path(tmp_path / "nope.npz")
 
@@ -211,7 +214,8 @@ def test_image_folder_grayscale(tmp_path):
     for i, a in enumerate(imgs):
         save_png(tmp_path / "imgs" / f"{2 - i}.png", a)  # names sort in reverse of creation
     (tmp_path / "imgs" / "notes.txt").write_text("ignored")
-    ds = load_path(tmp_path / "imgs")
+    with pytest.warns(UserWarning, match="skipped 1 file that is not an image .*, e.g. notes.txt"):
+        ds = load_path(tmp_path / "imgs")
     assert ds.x.dtype == torch.uint8 and ds.x.shape == (3, 1, 6, 4) and ds.y is None
     for i, a in enumerate(reversed(imgs)):  # sorted by file name: 0.png = imgs[2]
         assert np.array_equal(ds.x[i, 0].numpy(), a)
@@ -240,9 +244,37 @@ def test_image_folder_with_images_both_on_top_and_in_class_folders_is_refused(tm
 def test_image_folder_of_unsupported_files_says_what_it_found(tmp_path):
     (tmp_path / "imgs").mkdir()
     for i in range(3):
-        (tmp_path / "imgs" / f"{i}.tif").write_bytes(b"II*\x00")
-    with pytest.raises(DataError, match="no PNG/JPEG images among its 3 files"):
+        (tmp_path / "imgs" / f"{i}.svg").write_text("<svg/>")
+    with pytest.raises(DataError, match=r"no images among its 3 files \(e.g. 0.svg\)"):
         load_path(tmp_path / "imgs")
+
+
+def test_one_image_file_is_sent_to_its_folder(tmp_path):
+    save_png(tmp_path / "imgs" / "a.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match="is one image, .* give the folder"):
+        load_path(tmp_path / "imgs" / "a.png")
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".gif", ".tif", ".webp", ".pgm"])
+def test_image_folder_reads_the_other_lossless_formats(tmp_path, suffix):
+    from PIL import Image
+
+    a = np.random.default_rng(5).integers(0, 256, (6, 5), dtype=np.uint8)
+    (tmp_path / "f").mkdir()
+    Image.fromarray(a).save(tmp_path / "f" / f"a{suffix}", **({"lossless": True} if suffix == ".webp" else {}))
+    save_png(tmp_path / "f" / "b.png", a)
+    ds = load_path(tmp_path / "f")
+    assert ds.x.shape[0] == 2 and all(np.array_equal(ds.x[i, 0].numpy(), a) for i in range(2))
+
+
+def test_image_with_several_frames_is_refused(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "f").mkdir()
+    frames = [Image.fromarray(np.full((4, 4), v, np.uint8)) for v in (0, 90)]
+    frames[0].save(tmp_path / "f" / "stack.tif", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=r"stack\.tif: holds 2 frames .* save each frame as its own file"):
+        load_path(tmp_path / "f")
 
 
 def test_image_folder_rgb_and_mixed(tmp_path):
@@ -266,11 +298,15 @@ def test_image_folder_class_subfolders(tmp_path):
     for cls, n in (("dog", 2), ("cat", 3)):
         for i in range(n):
             save_png(tmp_path / "c" / cls / f"{i}.png", np.full((3, 3), 10 * n + i, np.uint8))
-    ds = load_path(tmp_path / "c")
+    (tmp_path / "c" / "labels.csv").write_text("cat,dog")
+    (tmp_path / "c" / "dog" / "notes.txt").write_text("ignored")
+    with pytest.warns(UserWarning, match="skipped 2 files that are not an image .*, e.g. labels.csv. Labels come only"):
+        ds = load_path(tmp_path / "c")
     assert ds.y.tolist() == [0, 0, 0, 1, 1]  # sorted: cat = 0, dog = 1
     assert ds.x[:, 0, 0, 0].tolist() == [30, 31, 32, 20, 21]
     assert ds.classes == ("cat", "dog")
-    splits = load_data(str(tmp_path / "c"), valid_fraction=0.4)
+    with pytest.warns(UserWarning, match="skipped 2 files"):
+        splits = load_data(str(tmp_path / "c"), valid_fraction=0.4)
     assert splits.train.classes == splits.valid.classes == ("cat", "dog")  # the names survive the split
 
 
@@ -286,7 +322,7 @@ def test_image_folder_empty(tmp_path):
     with pytest.raises(DataError, match="folder is empty"):
         load_path(tmp_path / "empty")
     (tmp_path / "cls" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match="class folder has no PNG/JPEG images"):
+    with pytest.raises(DataError, match=r"class folder has no images \(PNG, JPEG"):
         load_path(tmp_path / "cls")
 
 

