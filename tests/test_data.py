@@ -195,11 +195,11 @@ def test_corrupt_npy(tmp_path):
 
 
 @pytest.mark.parametrize("name, todo", [
-    ("d.csv", "numpy.loadtxt"), ("d.pt", "pickled"), ("d.zip", "unpack"), ("d.h5", "numpy.save"),
+    ("d.csv", "numpy.loadtxt"), ("d.pt", "pickled"), ("d.zip", "unpack"), ("d.tar.gz", "unpack"), ("d.h5", "numpy.save"),
 ])
 def test_unknown_extension_and_missing(tmp_path, name, todo):
     (tmp_path / name).write_text("1,2\n")
-    with pytest.raises(DataError, match=rf"unsupported file type '\.{name[2:]}'; [^.]*{todo}.*\.npz.*\.npy.*IDX.*PNG"):
+    with pytest.raises(DataError, match=rf"unsupported file type '\.{name.split('.')[-1]}'; [^.]*{todo}.*\.npz.*IDX.*PNG"):
         load_path(tmp_path / name)
     with pytest.raises(DataError, match="no such file or folder; accepted"):
         load_path(tmp_path / "nope.npz")

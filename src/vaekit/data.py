@@ -465,7 +465,8 @@ def load_path(path: Path, stream: str = "auto") -> Dataset:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         raise DataError(f"{path} is one image, but image data is a folder of them: give the folder that holds the "
                         "images (with one subfolder per class, for labels).")
-    todo = _CONVERT.get(path.suffix.lower(), "save the array with numpy.save(path, array)")
+    kind = ".tar" if path.name.lower().endswith((".tar.gz", ".tar.bz2", ".tar.xz")) else path.suffix.lower()
+    todo = _CONVERT.get(kind, "save the array with numpy.save(path, array)")
     raise DataError(f"{path}: unsupported file type '{path.suffix}'; {todo}. Accepted: {ACCEPTED}.")
 
 
