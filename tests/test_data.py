@@ -214,7 +214,7 @@ def test_image_folder_grayscale(tmp_path):
     for i, a in enumerate(imgs):
         save_png(tmp_path / "imgs" / f"{2 - i}.png", a)  # names sort in reverse of creation
     (tmp_path / "imgs" / "notes.txt").write_text("ignored")
-    with pytest.warns(UserWarning, match="skipped 1 file that is not an image .*, e.g. notes.txt"):
+    with pytest.warns(UserWarning, match=r"skipped 1 file that is not an image .*, e.g. notes.txt. Labels come only"):
         ds = load_path(tmp_path / "imgs")
     assert ds.x.dtype == torch.uint8 and ds.x.shape == (3, 1, 6, 4) and ds.y is None
     for i, a in enumerate(reversed(imgs)):  # sorted by file name: 0.png = imgs[2]
@@ -263,18 +263,54 @@ def test_image_folder_reads_the_other_lossless_formats(tmp_path, suffix):
     (tmp_path / "f").mkdir()
     Image.fromarray(a).save(tmp_path / "f" / f"a{suffix}", **({"lossless": True} if suffix == ".webp" else {}))
     save_png(tmp_path / "f" / "b.png", a)
-    ds = load_path(tmp_path / "f")
-    assert ds.x.shape[0] == 2 and all(np.array_equal(ds.x[i, 0].numpy(), a) for i in range(2))
+    ds = load_path(tmp_path / "f")  # grey values in colour modes too (a palette GIF, an RGB WebP): one channel
+    assert ds.x.shape == (2, 1, 6, 5) and all(np.array_equal(ds.x[i, 0].numpy(), a) for i in range(2))
 
 
-def test_image_with_several_frames_is_refused(tmp_path):
+@pytest.mark.parametrize("name", ["stack.tif", "moving.png", "moving.gif"])
+def test_image_with_several_frames_is_refused(tmp_path, name):
     from PIL import Image
 
     (tmp_path / "f").mkdir()
     frames = [Image.fromarray(np.full((4, 4), v, np.uint8)) for v in (0, 90)]
-    frames[0].save(tmp_path / "f" / "stack.tif", save_all=True, append_images=frames[1:])
-    with pytest.raises(DataError, match=r"stack\.tif: holds 2 frames .* save each frame as its own file"):
+    frames[0].save(tmp_path / "f" / name, save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=rf"{name}: holds 2 images .* save each as its own file"):
         load_path(tmp_path / "f")
+
+
+def test_a_camera_jpeg_with_a_second_image_in_it_reads_as_its_first(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "f").mkdir()
+    photo, preview = (Image.fromarray(np.full((8, 8), v, np.uint8)).convert("RGB") for v in (200, 40))
+    photo.save(tmp_path / "f" / "cam.jpg", format="MPO", save_all=True, append_images=[preview])
+    with Image.open(tmp_path / "f" / "cam.jpg") as im:
+        assert im.format == "MPO" and im.n_frames == 2  # what the case is about
+    ds = load_path(tmp_path / "f")
+    assert ds.x.shape == (1, 1, 8, 8) and abs(int(ds.x[0, 0, 4, 4]) - 200) <= 2
+
+
+def test_a_skipped_file_that_is_no_table_gets_no_word_on_labels(tmp_path):
+    save_png(tmp_path / "f" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "f" / "Thumbs.db").write_bytes(b"\0")
+    with pytest.warns(UserWarning) as caught:
+        load_path(tmp_path / "f")
+    (w,) = caught
+    assert "e.g. Thumbs.db." in str(w.message) and "Labels" not in str(w.message)
+
+
+def test_colour_images_keep_their_channels(tmp_path):
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    save_png(tmp_path / "f" / "a.png", rgb)
+    save_png(tmp_path / "f" / "b.png", np.full((4, 4, 3), 77, np.uint8))  # grey, in RGB
+    assert load_path(tmp_path / "f").x.shape == (2, 3, 4, 4)
+
+
+def test_uppercase_suffixes_are_read(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((3, 4, 4), np.uint8))
+    (tmp_path / "a.npy").rename(tmp_path / "A.NPY")
+    assert load_path(tmp_path / "A.NPY").x.shape == (3, 1, 4, 4)
 
 
 def test_image_folder_rgb_and_mixed(tmp_path):

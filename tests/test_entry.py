@@ -27,7 +27,10 @@ def test_the_exports_are_the_modules_objects():
 
     assert (vaekit.fit, vaekit.load, vaekit.build) == (train.fit, runs.load, models.build)
     assert (vaekit.split, vaekit.from_arrays, vaekit.RunConfig) == (data.split, data.from_arrays, config.RunConfig)
-    assert set(vaekit.__all__) <= set(dir(vaekit))
+    star: dict = {}
+    exec("from vaekit import *", star)  # each name of __all__ through __getattr__
+    assert {n for n in star if n != "__builtins__"} == set(vaekit.__all__) == {*vaekit._EXPORTS, "__version__"}
+    assert vaekit.evaluate.log_px is not None  # submodules as attributes, as when they loaded eagerly
     with pytest.raises(AttributeError, match="'fitt'"):
         vaekit.fitt
 

@@ -18,30 +18,34 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING
 
-# The exports load on first use (PEP 562), so `import vaekit` is quick and does not load torch:
-# the `vaekit` command (vaekit.__main__) imports its parts inside a handler for Ctrl-C.
-_EXPORTS = {"DataConfig": "vaekit.config", "ModelConfig": "vaekit.config", "RunConfig": "vaekit.config",
-            "TrainConfig": "vaekit.config", "from_arrays": "vaekit.data", "split": "vaekit.data",
-            "build": "vaekit.models", "load": "vaekit.runs", "fit": "vaekit.train"}
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = ["DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "build", "fit", "from_arrays", "load", "split",
+           "__version__"]
 
-if TYPE_CHECKING:  # for type checkers and editors, which do not run __getattr__
-    from vaekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from vaekit.data import from_arrays, split
-    from vaekit.models import build
-    from vaekit.runs import load
-    from vaekit.train import fit
+if TYPE_CHECKING:  # type checkers and editors read these; at run time they load on first use (below)
+    from vaekit.config import DataConfig as DataConfig, ModelConfig as ModelConfig, RunConfig as RunConfig
+    from vaekit.config import TrainConfig as TrainConfig
+    from vaekit.data import from_arrays as from_arrays, split as split
+    from vaekit.models import build as build
+    from vaekit.runs import load as load
+    from vaekit.train import fit as fit
+else:
+    # The exports and the submodules load on first use (PEP 562), so `import vaekit` is quick and does
+    # not load torch: the `vaekit` command (vaekit.__main__) imports its parts inside a handler for Ctrl-C.
+    _EXPORTS = {"DataConfig": "config", "ModelConfig": "config", "RunConfig": "config", "TrainConfig": "config",
+                "from_arrays": "data", "split": "data", "build": "models", "load": "runs", "fit": "train"}
+    _SUBMODULES = {"cli", "config", "cpu", "data", "distributions", "errors", "evaluate", "figures", "generate",
+                   "models", "objectives", "plots", "report", "runs", "train"}
 
+    def __getattr__(name: str):
+        import importlib
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vaekit' has no attribute {name!r}")
-    import importlib
+        if name in _SUBMODULES:  # `import vaekit; vaekit.data.load_mnist(...)`, as when these loaded eagerly
+            return importlib.import_module(f"vaekit.{name}")
+        if name not in _EXPORTS:
+            raise AttributeError(f"module 'vaekit' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"vaekit.{_EXPORTS[name]}"), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
 
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

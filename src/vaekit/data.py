@@ -342,21 +342,24 @@ def _load_image_folder(folder: Path) -> Dataset:
     skipped = [p for d in read_from for p in _files(d) if p.suffix.lower() not in IMAGE_SUFFIXES]
     if skipped:  # e.g. a labels.csv beside the images, which is not where vaekit reads labels from
         n = len(skipped)
+        tables = [p for p in skipped if p.suffix.lower() in (".csv", ".tsv", ".txt", ".json")]
+        labels_note = (f" Labels come only from class subfolders, not from a file such as {tables[0].name}."
+                       if tables else "")
         warnings.warn(f"{folder}: skipped {n} file{'s' * (n > 1)} that {'are' if n > 1 else 'is'} not an image "
-                      f"({IMAGE_KINDS}), e.g. {skipped[0].relative_to(folder)}. Labels come only from class "
-                      "subfolders.", stacklevel=3)
+                      f"({IMAGE_KINDS}), e.g. {skipped[0].relative_to(folder)}.{labels_note}", stacklevel=3)
     sizes, modes = [], []
     for f in files:  # first pass reads headers only
         try:
             with Image.open(f) as im:
                 sizes.append(im.size)
                 modes.append(im.mode)
-                frames = getattr(im, "n_frames", 1)
+                # (a JPEG with a second, smaller image in it, as cameras write, opens as MPO: its first is the photo)
+                frames = 1 if im.format == "MPO" else getattr(im, "n_frames", 1)
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{f}: cannot read image ({e}); fix or remove the file.") from e
         if frames > 1:
-            raise DataError(f"{f}: holds {frames} frames (an animation or a multi-page TIFF), but an image file "
-                            "is one example here; save each frame as its own file.")
+            raise DataError(f"{f}: holds {frames} images (the frames of an animation, or pages), but an image file "
+                            "is one example here; save each as its own file.")
         if modes[-1] not in _GRAY_MODES + _COLOR_MODES:
             raise DataError(f"{f}: image mode {modes[-1]} (16-bit or float) is not supported; save "
                             "8-bit images, or save the data as a float .npy file.")
@@ -367,12 +370,17 @@ def _load_image_folder(folder: Path) -> Dataset:
     gray = all(m in _GRAY_MODES for m in modes)  # alpha channels are dropped
     w, h = sizes[0]
     x = np.empty((len(files), h, w) if gray else (len(files), h, w, 3), np.uint8)
+    grey_in_colour = not gray  # colour modes whose pixels are all grey: a palette GIF, a WebP of grey values
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
                 x[i] = np.asarray(im.convert("L" if gray else "RGB"))
         except OSError as e:  # a header that reads, pixels that do not (a truncated file)
             raise DataError(f"{f}: cannot read the image's pixels ({e}); fix or remove the file.") from e
+        if grey_in_colour:
+            grey_in_colour = bool((x[i, ..., 0] == x[i, ..., 1]).all() and (x[i, ..., 1] == x[i, ..., 2]).all())
+    if grey_in_colour:
+        x, gray = np.ascontiguousarray(x[..., 0]), True
     x = x if gray else x.transpose(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
     y = None if labels is None else torch.tensor(labels, dtype=torch.int64)
     classes = None if labels is None else tuple(sub.name for sub in subdirs)
@@ -402,11 +410,11 @@ def _check_stream(stream: str) -> None:
 def _streams(path: Path, stream: str) -> bool:
     """Whether `path` is read from disk batch by batch instead of into memory."""
     if stream == "yes":
-        if path.suffix != ".npy" or path.is_dir():
+        if path.suffix.lower() != ".npy" or path.is_dir():
             raise DataError(f"{path}: only a .npy file can be streamed from disk; save the array with "
                             "numpy.save(path, x) (uint8 or float32), or load it into memory (stream 'auto' or 'no').")
         return True
-    if stream == "auto" and path.suffix == ".npy" and path.is_file():
+    if stream == "auto" and path.suffix.lower() == ".npy" and path.is_file():
         budget = memory_budget()
         return budget is not None and path.stat().st_size > budget
     return False
@@ -451,9 +459,9 @@ def load_path(path: Path, stream: str = "auto") -> Dataset:
     if path.is_dir():
         return _load_image_folder(path)
     try:
-        if path.suffix == ".npz":
+        if path.suffix.lower() == ".npz":
             return _load_npz(path)
-        if path.suffix == ".npy":
+        if path.suffix.lower() == ".npy":
             return Dataset(_as_examples(np.load(path, allow_pickle=False), str(path)), None, path.stem)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:  # numpy's errors for bad files
         why = ("it holds pickled Python objects (an object array, or not a numpy file at all), which vaekit never "
