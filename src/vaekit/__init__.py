@@ -33,8 +33,10 @@ else:
     # not load torch: the `vaekit` command (vaekit.__main__) imports its parts inside a handler for Ctrl-C.
     _EXPORTS = {"DataConfig": "config", "ModelConfig": "config", "RunConfig": "config", "TrainConfig": "config",
                 "from_arrays": "data", "split": "data", "build": "models", "load": "runs", "fit": "train"}
-    _SUBMODULES = {"cli", "config", "cpu", "data", "distributions", "errors", "evaluate", "figures", "generate",
-                   "models", "objectives", "plots", "report", "runs", "train"}
+    import pkgutil
+
+    _SUBMODULES = {m.name for m in pkgutil.iter_modules(__path__)} - {"__main__"}
+    del pkgutil
 
     def __getattr__(name: str):
         import importlib
