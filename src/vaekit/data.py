@@ -64,10 +64,11 @@ ACCEPTED = (
     f"train-images-idx3-ubyte.gz), or a folder of images ({IMAGE_KINDS}; optionally one "
     "subfolder per class)"
 )
+_TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
 # What to do with a file of a kind vaekit does not read, by its suffix
 _CONVERT = {
-    **dict.fromkeys((".csv", ".tsv", ".txt"), "read the table with numpy.loadtxt and save it with "
-                                              "numpy.save(path, array), one example a row"),
+    **dict.fromkeys(_TABLE_SUFFIXES, "read the table with numpy.loadtxt and save it with "
+                                     "numpy.save(path, array), one example a row"),
     **dict.fromkeys((".pt", ".pth", ".pkl", ".pickle", ".joblib"),
                     "it holds pickled Python objects, which vaekit never loads (loading them can run code); save the "
                     "array with numpy.save(path, array), e.g. tensor.numpy() for a torch tensor"),
@@ -342,7 +343,7 @@ def _load_image_folder(folder: Path) -> Dataset:
     skipped = [p for d in read_from for p in _files(d) if p.suffix.lower() not in IMAGE_SUFFIXES]
     if skipped:  # e.g. a labels.csv beside the images, which is not where vaekit reads labels from
         n = len(skipped)
-        tables = [p for p in skipped if p.suffix.lower() in (".csv", ".tsv", ".txt", ".json")]
+        tables = [p for p in skipped if p.suffix.lower() in (*_TABLE_SUFFIXES, ".json")]
         labels_note = (f" Labels come only from class subfolders, not from a file such as {tables[0].name}."
                        if tables else "")
         warnings.warn(f"{folder}: skipped {n} file{'s' * (n > 1)} that {'are' if n > 1 else 'is'} not an image "
@@ -458,10 +459,11 @@ def load_path(path: Path, stream: str = "auto") -> Dataset:
         return _stream_npy(path)
     if path.is_dir():
         return _load_image_folder(path)
+    suffix = path.suffix.lower()
     try:
-        if path.suffix.lower() == ".npz":
+        if suffix == ".npz":
             return _load_npz(path)
-        if path.suffix.lower() == ".npy":
+        if suffix == ".npy":
             return Dataset(_as_examples(np.load(path, allow_pickle=False), str(path)), None, path.stem)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:  # numpy's errors for bad files
         why = ("it holds pickled Python objects (an object array, or not a numpy file at all), which vaekit never "
@@ -470,10 +472,10 @@ def load_path(path: Path, stream: str = "auto") -> Dataset:
         raise DataError(f"{path}: cannot read the array ({why}).") from e
     if _is_idx_name(path.name):
         return _load_idx(path)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if suffix in IMAGE_SUFFIXES:
         raise DataError(f"{path} is one image, but image data is a folder of them: give the folder that holds the "
                         "images (with one subfolder per class, for labels).")
-    kind = ".tar" if path.name.lower().endswith((".tar.gz", ".tar.bz2", ".tar.xz")) else path.suffix.lower()
+    kind = ".tar" if path.name.lower().endswith((".tar.gz", ".tar.bz2", ".tar.xz")) else suffix
     todo = _CONVERT.get(kind, "save the array with numpy.save(path, array)")
     raise DataError(f"{path}: unsupported file type '{path.suffix}'; {todo}. Accepted: {ACCEPTED}.")
 
