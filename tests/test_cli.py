@@ -766,3 +766,33 @@ def test_a_config_file_without_binarize_takes_the_default_of_the_data(tmp_path, 
     given.write_text('{"model": {"latent_dim": 2}}')
     assert main(train_args(tmp_path / "run", npz, "--config", str(given))) == 0
     assert runs.load_config(tmp_path / "run").data.binarize == "none"  # grey data of one's own: as it is
+
+
+def test_a_colour_model_takes_grey_images_as_their_rgb_copies(tmp_path):
+    """A folder whose RGB images are all grey loads as one channel; a model of colour images (one trained on
+    such a folder by an older version, which read it as three) takes it as the RGB copies it was trained on."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+
+    def folder(name, colour):
+        for i in range(40):
+            a = rng.integers(0, 256, (6, 6, 3) if colour else (6, 6, 1), dtype=np.uint8)
+            (tmp_path / name).mkdir(exist_ok=True)
+            Image.fromarray(np.broadcast_to(a, (6, 6, 3)).copy()).save(tmp_path / name / f"{i:02}.png")
+        return tmp_path / name
+
+    run = tmp_path / "run"
+    assert main(train_args(run, folder("photos", colour=True), "--batch-size", "10")) == 0
+    grey = folder("grey", colour=False)
+    x = np.stack([np.asarray(Image.open(p)) for p in sorted(grey.iterdir())]).transpose(0, 3, 1, 2)
+    np.savez(tmp_path / "rgb.npz", x=x)  # the same pixels as three channels
+    assert main(["encode", str(run), "--data", str(grey)]) == 0
+    assert main(["encode", str(run), "--data", str(tmp_path / "rgb.npz")]) == 0
+    np.testing.assert_array_equal(np.load(run / "codes_of_grey.npz")["z"], np.load(run / "codes_of_rgb.npz")["z"])
+    # the run's own folder, now of grey images: read as three channels, not "the data has changed"
+    for p in (tmp_path / "photos").iterdir():
+        p.unlink()
+    for p in grey.iterdir():
+        p.rename(tmp_path / "photos" / p.name)
+    assert main(["encode", str(run), "--split", "valid"]) == 0

@@ -307,6 +307,24 @@ def test_colour_images_keep_their_channels(tmp_path):
     assert load_path(tmp_path / "f").x.shape == (2, 3, 4, 4)
 
 
+def test_grey_images_for_a_colour_model_are_their_rgb_copies(tmp_path):
+    from vaekit.data import fingerprint, grey_as_colour
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (3, 4, 6), dtype=np.uint8)
+    for i, g in enumerate(grey):
+        save_png(tmp_path / "f" / f"{i}.png", np.repeat(g[..., None], 3, axis=-1))  # grey, saved as RGB
+    ds = load_path(tmp_path / "f")
+    assert ds.shape == (1, 4, 6)
+    rgb = Dataset(torch.from_numpy(np.repeat(grey[:, None], 3, axis=1)), None, "rgb")
+    as_rgb = grey_as_colour(ds, (3, 4, 6))
+    assert torch.equal(as_rgb.x, rgb.x)  # the pixels an older version read from the same folder
+    assert fingerprint(as_rgb) == fingerprint(rgb)  # so a run that began on them resumes
+    for shape in ((1, 4, 6), (3, 6, 4), (3, 4, 6, 1), (72,)):  # a grey model, or another size: as it is
+        assert grey_as_colour(ds, shape) is ds
+    assert grey_as_colour(rgb, (3, 4, 6)) is rgb
+
+
 def test_uppercase_suffixes_are_read(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((3, 4, 4), np.uint8))
     (tmp_path / "a.npy").rename(tmp_path / "A.NPY")

@@ -545,14 +545,19 @@ def _split(run: Path, split: Optional[str], limit: Optional[int] = None, data: O
 
 def _run_splits(run: Path, cfg: RunConfig):
     """The splits of the data a run was trained on, or a clear error if that data is no longer found."""
-    from vaekit.data import load_splits
+    from vaekit.data import Splits, grey_as_colour, load_splits
 
     source = cfg.data.source
     if source != "mnist" and not Path(source).expanduser().exists():
         raise ConfigError(f"{run} was trained on '{source}', which is not found from here (a relative path is "
                           f"relative to the folder the run was trained in); run from there, or set data.source "
                           f"in {Path(run) / 'config.json'} to the data's path.")
-    return load_splits(cfg.data)
+    splits = load_splits(cfg.data)
+    if source == "mnist" or not Path(source).expanduser().is_dir():
+        return splits
+    shape = cfg.model.input_shape  # an image folder of grey images, read as three channels by older versions
+    return Splits(*(None if ds is None else grey_as_colour(ds, shape) for ds in (splits.train, splits.valid,
+                                                                               splits.test)))
 
 
 def _same_shape(run: Path, cfg: RunConfig, ds) -> None:
@@ -621,9 +626,11 @@ def _new_data(cfg: RunConfig, data: Path):
     subfolders are numbered as the model numbers its classes (by name)."""
     from dataclasses import replace
 
-    from vaekit.data import check_unit_range, load_path
+    from vaekit.data import check_unit_range, grey_as_colour, load_path
 
     ds = load_path(Path(data).expanduser())
+    if Path(data).expanduser().is_dir():  # grey images for a model of colour ones: as their RGB copies
+        ds = grey_as_colour(ds, cfg.model.input_shape)
     if ds.shape != tuple(cfg.model.input_shape):
         raise DataError(f"{data}: its examples have shape {list(ds.shape)}, and this model takes "
                         f"{list(cfg.model.input_shape)}, the shape of the data it was trained on.")

@@ -388,6 +388,17 @@ def _load_image_folder(folder: Path) -> Dataset:
     return Dataset(_as_examples(x, str(folder)), y, folder.name, classes=classes)
 
 
+def grey_as_colour(ds: Dataset, shape) -> Dataset:
+    """An image folder's grey images for a model that takes colour ones of their size (`shape`, its input):
+    the grey channel repeated into three, the very pixels an RGB copy of each image holds. A folder whose
+    colour images are all grey loads as one channel (since 2026-12-07); this lets a model trained on
+    such a folder as three channels before then, or on colour images, take it. Other data is returned
+    as it is."""
+    if ds.streamed or ds.x.ndim != 4 or ds.shape[0] != 1 or tuple(shape) != (3, *ds.shape[1:]):
+        return ds
+    return replace(ds, x=ds.x.expand(-1, 3, -1, -1).contiguous())
+
+
 def memory_budget() -> int | None:
     """Bytes a data set may take in memory: half of what the system has available now (None: unknown)."""
     try:
