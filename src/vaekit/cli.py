@@ -628,8 +628,9 @@ def _new_data(cfg: RunConfig, data: Path):
 
     from vaekit.data import check_unit_range, grey_as_colour, load_path
 
-    ds = load_path(Path(data).expanduser())
-    if Path(data).expanduser().is_dir():  # grey images for a model of colour ones: as their RGB copies
+    path = Path(data).expanduser()
+    ds = load_path(path)
+    if path.is_dir():  # grey images for a model of colour ones: as their RGB copies
         ds = grey_as_colour(ds, cfg.model.input_shape)
     if ds.shape != tuple(cfg.model.input_shape):
         raise DataError(f"{data}: its examples have shape {list(ds.shape)}, and this model takes "
